@@ -1,0 +1,87 @@
+"""The `edgeq` command line."""
+
+from __future__ import annotations
+
+from edgeq.quiet import quiet_environment
+
+quiet_environment()
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from edgeq.errors import EdgeqError  # noqa: E402
+
+app = typer.Typer(help="PyTorch model -> verified INT8 edge model, as a Prefect DAG of cached, gated tasks.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(msg: str, code: int = 1) -> None:
+    err_console.print(f"[bold red]error:[/] {msg}", highlight=False)
+    raise typer.Exit(code)
+
+
+def run_flow(fn, *args, **kwargs):
+    """Run a flow; a user-facing error prints cleanly and exits non-zero."""
+    state = fn(*args, return_state=True, **kwargs)
+    if not state.is_completed():
+        try:
+            state.result()
+        except EdgeqError as exc:
+            fail(str(exc))
+        except Exception as exc:  # noqa: BLE001
+            fail(f"{type(exc).__name__}: {exc}")
+        fail(f"flow ended {state.type.value}: {state.message}")
+    return state.result()
+
+
+def print_export_report(report) -> None:
+    t = Table(title=f"export of {report.model}: opset {report.opset} ({report.exporter} exporter)")
+    for col in ("output", "max abs diff", "max rel diff", "worst sample", "samples", "tolerance", "parity"):
+        t.add_column(col)
+    for r in report.parity:
+        t.add_row(r.output, f"{r.max_abs_diff:.3g}", f"{r.max_rel_diff:.3g}", str(r.worst_sample), str(r.samples),
+                  f"{r.tolerance:g}", "[green]pass[/]" if r.passed else "[red]FAIL[/]")
+    console.print(t)
+    probe = ", ".join(f"{p.input}[{p.axis}]={p.size}: {'ok' if p.ok else 'FAIL'}" for p in report.probe)
+    console.print(f"dynamic-shape probe: {probe or 'no dynamic axes'}")
+    if report.findings:
+        ft = Table(title="graph scan held against targets")
+        for col in ("target", "node", "op", "supported", "note"):
+            ft.add_column(col)
+        for s in report.target_support:
+            ft.add_row(s.target, s.node, s.op, "yes" if s.supported else "[red]no[/]", s.note)
+        console.print(ft)
+    else:
+        console.print("graph scan: no custom-domain ops, no control flow")
+    for w in report.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+
+
+@app.command()
+def export(config: Path = typer.Argument(..., help="edgeq YAML config")) -> None:
+    """Export the config's model to ONNX, probe dynamic shapes, and gate on PyTorch parity."""
+    from flows.export import ExportParams, export_model
+
+    result = run_flow(export_model, ExportParams(config=str(config)))
+    print_export_report(result.report)
+    console.print(f"ONNX model: {result.onnx.uri}  sha256 {result.onnx.sha256[:16]}…")
+
+
+@app.command()
+def run(config: Path = typer.Argument(..., help="edgeq YAML config")) -> None:
+    """Run the conversion pipeline on a config (today: the export stage)."""
+    export(config)
+
+
+# Sub-command groups contributed by other modules register themselves on `app`.
+from edgeq import cli_calibration, cli_check  # noqa: E402,F401
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,1 @@
+"""`edgeq calibrate` and `edgeq calibration ...` (calibration issue)."""

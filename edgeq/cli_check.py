@@ -1,0 +1,1 @@
+"""`edgeq check`: the compile-check matrix (backends issue)."""

@@ -1,0 +1,31 @@
+"""Load a config and run its `prepare` hook (e.g. building the demo) before any stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgeq.errors import SpecError
+from edgeq.specs import EdgeqConfig, load_config, load_object
+
+
+def prepare(cfg: EdgeqConfig) -> None:
+    if cfg.prepare is None:
+        return
+    fn = load_object(cfg.prepare)
+    kwargs = dict(cfg.prepare_kwargs)
+    # A relative `root`/`path` kwarg is relative to the config file, like every other path.
+    for k in ("root", "path"):
+        if isinstance(kwargs.get(k), str) and not Path(kwargs[k]).is_absolute():
+            kwargs[k] = str(cfg.base_dir / kwargs[k])
+    try:
+        fn(**kwargs)
+    except SpecError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise SpecError(f"prepare hook {cfg.prepare} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def load_prepared(path: str | Path) -> EdgeqConfig:
+    cfg = load_config(path)
+    prepare(cfg)
+    return cfg

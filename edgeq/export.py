@@ -1,0 +1,363 @@
+"""Export stage: PyTorch -> ONNX at the targets' opset, then prove the file is right.
+
+Plain functions (no Prefect) so tests call them directly; `tasks/export.py` wraps them.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from pydantic import BaseModel, Field
+
+from edgeq.errors import ExportError, GateError, SpecError
+from edgeq.specs import InputSpec, ModelSpec, TargetSpec
+
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
+                 "uint8": np.uint8, "bool": np.bool_}
+STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
+CONTROL_FLOW = ("If", "Loop", "Scan")
+DYNAMO_MIN_OPSET = 18
+
+
+# ---------------------------------------------------------------- records
+class Finding(BaseModel):
+    node: str
+    op_type: str
+    domain: str
+    kind: str  # "control-flow" | "custom-op"
+
+
+class TargetSupport(BaseModel):
+    target: str
+    node: str
+    op: str
+    supported: bool
+    note: str = ""
+
+
+class ProbeRow(BaseModel):
+    input: str
+    axis: int
+    dim: str
+    size: int
+    ok: bool
+    max_abs_diff: float | None = None
+    error: str = ""
+
+
+class ParityRow(BaseModel):
+    output: str
+    max_abs_diff: float
+    max_rel_diff: float
+    worst_sample: int
+    samples: int
+    tolerance: float
+    passed: bool
+
+
+class ExportReport(BaseModel):
+    model: str
+    opset: int
+    opset_reason: str
+    exporter: str
+    findings: list[Finding] = Field(default_factory=list)
+    target_support: list[TargetSupport] = Field(default_factory=list)
+    probe: list[ProbeRow] = Field(default_factory=list)
+    parity: list[ParityRow] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(p.ok for p in self.probe) and all(p.passed for p in self.parity)
+
+
+# ---------------------------------------------------------------- opset
+def choose_opset(targets: list[TargetSpec]) -> tuple[int, str]:
+    """The lowest maximum opset among the targets, and which target set it."""
+    from backends import get_backend
+
+    limits = []
+    for t in targets:
+        limit = t.max_opset if t.max_opset is not None else get_backend(t.backend).max_opset()
+        limits.append((limit, t.name))
+    opset, who = min(limits)
+    return opset, f"lowest maximum opset among targets: {who} supports up to {opset}"
+
+
+# ---------------------------------------------------------------- inputs
+def input_shape(inp: InputSpec, dims: dict[str, int]) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) else dims[d] for d in inp.shape)
+
+
+def make_inputs(spec: ModelSpec, dims: dict[str, int], samples: np.ndarray | None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Feeds for every input at the given dynamic sizes; the first input takes real samples where shapes allow."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for i, inp in enumerate(spec.inputs):
+        shape = input_shape(inp, dims)
+        dtype = _NUMPY_DTYPES[inp.dtype]
+        if i == 0 and samples is not None:
+            if samples.shape[1:] != shape[1:]:
+                raise SpecError(
+                    f"input {inp.name!r} expects samples of shape {list(inp.shape[1:])} "
+                    f"but the data has {list(samples.shape[1:])} (model.inputs[0].shape vs data)"
+                )
+            reps = int(np.ceil(shape[0] / len(samples)))
+            feeds[inp.name] = np.concatenate([samples] * reps)[: shape[0]].astype(dtype)
+        elif np.issubdtype(dtype, np.floating):
+            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[inp.name] = np.zeros(shape, dtype=dtype)
+    return feeds
+
+
+def run_torch(model: torch.nn.Module, spec: ModelSpec, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = model(*[torch.from_numpy(feeds[i.name]) for i in spec.inputs])
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    return [o.detach().numpy() for o in outs]
+
+
+def ort_session(path: str | Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+# ---------------------------------------------------------------- export
+def _dynamic_axes(spec: ModelSpec) -> dict[str, dict[int, str]]:
+    return {i.name: i.dynamic_axes for i in spec.inputs if i.dynamic_axes}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    summary = text.split("## Exception summary", 1)[-1].strip()
+    return " ".join(summary.split())[:600]
+
+
+def export_onnx(model: torch.nn.Module, spec: ModelSpec, opset: int, feeds: dict[str, np.ndarray], out: Path) -> tuple[str, list[str]]:
+    """Export to `out` at exactly `opset`. Returns (exporter used, warnings)."""
+    exporter = spec.exporter
+    if exporter == "auto":
+        exporter = "dynamo" if opset >= DYNAMO_MIN_OPSET else "torchscript"
+    if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
+        raise ExportError(
+            f"the torch.export-based exporter emits opset >= {DYNAMO_MIN_OPSET}, but a target supports at most "
+            f"opset {opset}: set model.exporter to 'auto' or 'torchscript', or drop that target"
+        )
+    args = tuple(torch.from_numpy(feeds[i.name]) for i in spec.inputs)
+    kwargs: dict[str, Any] = dict(
+        input_names=[i.name for i in spec.inputs], output_names=list(spec.outputs), opset_version=opset,
+        dynamic_axes=_dynamic_axes(spec) or None,
+    )
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if exporter == "dynamo":
+                torch.onnx.export(model, args, str(out), dynamo=True, external_data=False, verbose=False, **kwargs)
+            else:
+                torch.onnx.export(model, args, str(out), dynamo=False, do_constant_folding=True, **kwargs)
+        except torch.onnx.errors.UnsupportedOperatorError as exc:
+            op = re.search(r"operator '([^']+)'", str(exc))
+            raise ExportError(
+                f"op {op.group(1) if op else '?'} has no ONNX symbolic at opset {opset} (TorchScript exporter): "
+                "register a custom symbolic (torch.onnx.register_custom_op_symbolic), or change the model to "
+                f"use ops ONNX has. Exporter said: {_first_line(exc)}"
+            ) from None
+        except Exception as exc:  # noqa: BLE001 - classify the exporter's failure for the user
+            text = _first_line(exc)
+            if "GuardOnDataDependentSymNode" in str(exc) or "data-dependent" in str(exc):
+                raise ExportError(
+                    "the model has tensor-dependent Python control flow (an `if`/`while` on a tensor's value), "
+                    "which export cannot capture: rewrite it with torch.cond (exported as an ONNX If node) or "
+                    f"remove the branch. Exporter said: {text}"
+                ) from None
+            op = re.search(r"(aten[.:]{1,2}[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)", str(exc))
+            if op and ("ConversionError" in type(exc).__name__ or "translat" in str(exc).lower()):
+                raise ExportError(
+                    f"op {op.group(1)} has no ONNX translation at opset {opset}: register one "
+                    "(torch.onnx.export custom_translation_table) or change the model to use ops ONNX has. "
+                    f"Exporter said: {text}"
+                ) from None
+            raise ExportError(f"export failed at opset {opset} ({exporter} exporter): {type(exc).__name__}: {text}") from None
+    for w in caught:
+        name = w.category.__name__
+        if name == "TracerWarning" and "Python boolean" in str(w.message):
+            raise ExportError(
+                "the model has tensor-dependent Python control flow: tracing recorded only the branch the export "
+                f"example took ({w.filename}:{w.lineno}), so the ONNX model would silently be wrong for other inputs. "
+                "Rewrite it with torch.cond and use the torch.export-based exporter (opset >= 18), or remove the branch."
+            )
+        if name == "TracerWarning":
+            notes.append(f"tracer: {w.message} ({Path(w.filename).name}:{w.lineno})")
+    got = {o.domain: o.version for o in onnx.load(str(out), load_external_data=False).opset_import}
+    if got.get("", got.get("ai.onnx", 0)) > opset:
+        raise ExportError(f"exporter wrote opset {got.get('')} but targets support at most {opset}")
+    return exporter, notes
+
+
+def check_and_infer(path: Path) -> onnx.ModelProto:
+    """onnx's full checker and strict shape inference; the inferred model is written back."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(path)), check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"exported ONNX fails onnx.checker/shape inference: {exc}") from None
+    onnx.save(model, str(path))
+    return model
+
+
+# ---------------------------------------------------------------- graph scan
+def scan_graph(model: onnx.ModelProto) -> list[Finding]:
+    """Non-standard-domain ops and control flow, including inside subgraphs and local functions."""
+    findings: list[Finding] = []
+    local_functions = {(f.domain, f.name) for f in model.functions}
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            if node.op_type in CONTROL_FLOW and node.domain in STANDARD_DOMAINS:
+                findings.append(Finding(node=node.name or node.output[0], op_type=node.op_type, domain=node.domain or "ai.onnx", kind="control-flow"))
+            elif node.domain not in STANDARD_DOMAINS and (node.domain, node.op_type) not in local_functions:
+                findings.append(Finding(node=node.name or node.output[0], op_type=node.op_type, domain=node.domain, kind="custom-op"))
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g)
+                for g in attr.graphs:
+                    walk(g)
+
+    walk(model.graph)
+    for f in model.functions:
+        walk(onnx.helper.make_graph(f.node, f.name, [], []))
+    return findings
+
+
+_CONTROL_FLOW_NOTE = {
+    True: "runs as a real branch/loop on the target",
+    False: "the target cannot run it: remove the data-dependent branch, or unroll the loop, before targeting it",
+}
+
+
+def hold_against_targets(findings: list[Finding], targets: list[TargetSpec]) -> list[TargetSupport]:
+    """For each finding and target: can that target run it?"""
+    from backends import get_backend
+
+    rows = []
+    for t in targets:
+        backend = get_backend(t.backend)
+        for f in findings:
+            ok = backend.supports_node(f.domain if f.domain != "ai.onnx" else "", f.op_type, t)
+            note = _CONTROL_FLOW_NOTE[ok] if f.kind == "control-flow" else (
+                "" if ok else "custom op: the target has no kernel; provide a plugin/custom op library or change the model")
+            rows.append(TargetSupport(target=t.name, node=f.node, op=f"{f.domain}::{f.op_type}", supported=ok, note=note))
+    return rows
+
+
+# ---------------------------------------------------------------- gates
+def compare_outputs(ref: list[np.ndarray], got: list[np.ndarray], names: list[str], atol: float) -> list[ParityRow]:
+    rows = []
+    for name, r, g in zip(names, ref, got):
+        if r.shape != g.shape:
+            raise GateError(f"output {name!r}: PyTorch shape {r.shape} != ONNX shape {g.shape}")
+        diff = np.abs(r.astype(np.float64) - g.astype(np.float64))
+        rel = diff / (np.abs(r.astype(np.float64)) + 1e-6)
+        per_sample = diff.reshape(len(diff), -1).max(1) if diff.ndim else diff.reshape(1)
+        mad = float(diff.max()) if diff.size else 0.0
+        rows.append(ParityRow(output=name, max_abs_diff=mad, max_rel_diff=float(rel.max()) if rel.size else 0.0,
+                              worst_sample=int(per_sample.argmax()), samples=len(per_sample), tolerance=atol,
+                              passed=mad <= atol))
+    return rows
+
+
+def check_parity(model: torch.nn.Module, spec: ModelSpec, session, samples: np.ndarray, atol: float) -> list[ParityRow]:
+    """PyTorch vs ONNX Runtime on real samples, per output."""
+    n = len(samples)
+    dims = {**spec.example_dims, **{d: n for d in ("batch",) if d in spec.example_dims}}
+    feeds = make_inputs(spec, dims, samples)
+    ref = run_torch(model, spec, feeds)
+    got = session.run(list(spec.outputs), feeds)
+    return compare_outputs(ref, got, list(spec.outputs), atol)
+
+
+def probe_dynamic_shapes(model: torch.nn.Module, spec: ModelSpec, session, samples: np.ndarray, atol: float) -> list[ProbeRow]:
+    """Run the ONNX model at sizes other than the export example; a baked-in shape fails or diverges."""
+    rows = []
+    for inp in spec.inputs:
+        for axis, dim in inp.dynamic_axes.items():
+            base = spec.example_dims[dim]
+            sizes = [1, 3] if dim == "batch" else [base + 1, max(1, base - 1)]
+            for size in [s for s in dict.fromkeys(sizes) if s != base] or [base + 2]:
+                dims = {**spec.example_dims, dim: size}
+                feeds = make_inputs(spec, dims, samples if samples is not None and dim == "batch" else None, seed=size)
+                try:
+                    got = session.run(list(spec.outputs), feeds)
+                except Exception as exc:  # noqa: BLE001 - ORT's own message names the node
+                    rows.append(ProbeRow(input=inp.name, axis=axis, dim=dim, size=size, ok=False,
+                                         error=" ".join(str(exc).split())[:400]))
+                    continue
+                ref = run_torch(model, spec, feeds)
+                bad = [f"{o}: {r.shape} vs {g.shape}" for o, r, g in zip(spec.outputs, ref, got) if r.shape != g.shape]
+                mad = max((float(np.abs(r - g).max()) for r, g in zip(ref, got) if r.shape == g.shape and r.size), default=0.0)
+                ok = not bad and mad <= atol
+                rows.append(ProbeRow(input=inp.name, axis=axis, dim=dim, size=size, ok=ok, max_abs_diff=mad,
+                                     error=("output shape differs from PyTorch: " + "; ".join(bad)) if bad else
+                                     ("" if ok else f"outputs differ from PyTorch by {mad:.3g} > {atol:g}")))
+    return rows
+
+
+def format_failures(report: ExportReport) -> str:
+    msgs = []
+    for p in report.probe:
+        if not p.ok:
+            msgs.append(
+                f"dynamic-shape probe: input {p.input!r} axis {p.axis} ({p.dim!r}) at size {p.size}: {p.error} "
+                "— a shape was baked in at export (e.g. a .view() with a literal size, or a Python int from a tensor's shape)"
+            )
+    for r in report.parity:
+        if not r.passed:
+            msgs.append(
+                f"parity gate: output {r.output!r} max abs diff {r.max_abs_diff:.3g} > tolerance {r.tolerance:g} "
+                f"(max rel {r.max_rel_diff:.3g}, worst sample #{r.worst_sample} of {r.samples})"
+            )
+    return "\n".join(msgs)
+
+
+# ---------------------------------------------------------------- the stage
+def run_export(model: torch.nn.Module, spec: ModelSpec, targets: list[TargetSpec], samples: np.ndarray,
+               atol: float, out_path: Path) -> ExportReport:
+    """Export, check, scan, probe and gate. Raises ExportError/GateError; on success `out_path` holds the model."""
+    opset, reason = choose_opset(targets)
+    feeds = make_inputs(spec, spec.example_dims, samples)
+    try:
+        run_torch(model, spec, feeds)
+    except Exception as exc:  # noqa: BLE001
+        shapes = {k: list(v.shape) for k, v in feeds.items()}
+        raise SpecError(
+            f"the model rejects inputs of the spec's shapes {shapes} (model.inputs): {type(exc).__name__}: {exc}"
+        ) from None
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp) / "model.onnx"
+        exporter, notes = export_onnx(model, spec, opset, feeds, tmp_path)
+        proto = check_and_infer(tmp_path)
+        findings = scan_graph(proto)
+        report = ExportReport(model=spec.name, opset=opset, opset_reason=reason, exporter=exporter,
+                              findings=findings, target_support=hold_against_targets(findings, targets), warnings=notes)
+        session = ort_session(tmp_path)
+        report.probe = probe_dynamic_shapes(model, spec, session, samples, atol)
+        report.parity = check_parity(model, spec, session, samples, atol)
+        if not report.passed:
+            err = GateError("export refused:\n" + format_failures(report))
+            err.report = report  # so the task can still publish what was measured
+            raise err
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_path.replace(out_path)
+    return report

@@ -1,0 +1,247 @@
+"""Typed specs loaded from a YAML config: model, targets, data, thresholds.
+
+Relative paths in a config are resolved against the config file's folder, so a
+config and its files move together.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from edgeq.errors import SpecError
+
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+def _resolve(v: Path | None, info: ValidationInfo) -> Path | None:
+    if v is None:
+        return None
+    base = (info.context or {}).get("base_dir")
+    v = Path(v).expanduser()
+    if not v.is_absolute() and base is not None:
+        v = Path(base) / v
+    return v
+
+
+def _import_path(v: str) -> str:
+    if not _IMPORT_PATH.match(v):
+        raise ValueError(f"{v!r} is not an import path of the form 'package.module:function'")
+    return v
+
+
+RelPath = Annotated[Path, AfterValidator(_resolve)]
+ImportPath = Annotated[str, AfterValidator(_import_path)]
+
+
+def load_object(path: str) -> Any:
+    """Import `package.module:attr` (runs that module's code: only configs you trust)."""
+    module_name, _, attr = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is the user's to fix
+        raise SpecError(f"cannot import {module_name!r} (from {path!r}): {type(exc).__name__}: {exc}") from exc
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise SpecError(f"{module_name!r} has no attribute {part!r} (from {path!r})")
+        obj = getattr(obj, part)
+    return obj
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(Spec):
+    """One named model input; a string dimension is dynamic and named (`batch`, `seq`)."""
+
+    name: str
+    shape: list[int | str] = Field(description="e.g. [batch, 1, 8, 8]; names mark dynamic axes")
+    dtype: Literal["float32", "float16", "int64", "int32", "uint8", "bool"] = "float32"
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, v: list[int | str]) -> list[int | str]:
+        for d in v:
+            if isinstance(d, int) and d <= 0:
+                raise ValueError(f"static dimensions must be positive, got {d}")
+            if isinstance(d, str) and not d.isidentifier():
+                raise ValueError(f"dynamic dimension name {d!r} must be an identifier like 'batch'")
+        return v
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+
+class ModelSpec(Spec):
+    name: str = Field(description="model name, used in bundle and report names")
+    factory: ImportPath = Field(description="'package.module:function' returning a torch.nn.Module")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the factory")
+    weights: RelPath = Field(description="safetensors file, or a state_dict saved with torch.save")
+    inputs: list[InputSpec] = Field(min_length=1)
+    outputs: list[str] = Field(min_length=1)
+    example_dims: dict[str, int] = Field(
+        default_factory=lambda: {"batch": 2},
+        description="sizes of the dynamic dimensions in the export example",
+    )
+    metric: str = Field("top1", description="'top1', 'cosine', or 'package.module:function'")
+    exporter: Literal["auto", "dynamo", "torchscript"] = Field(
+        "auto",
+        description="auto: torch.export-based exporter at opset >= 18, TorchScript exporter below",
+    )
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        if v in ("top1", "cosine"):
+            return v
+        return _import_path(v)
+
+    @model_validator(mode="after")
+    def _names(self) -> "ModelSpec":
+        names = [i.name for i in self.inputs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"input names must be unique, got {names}")
+        for inp in self.inputs:
+            for d in inp.dynamic_axes.values():
+                if d not in self.example_dims:
+                    raise ValueError(
+                        f"input {inp.name!r} has dynamic dimension {d!r} with no size in example_dims"
+                    )
+        return self
+
+
+class TargetSpec(Spec):
+    name: str
+    backend: str = Field(description="onnxruntime, openvino, tensorrt, or declared")
+    device: str = "cpu"
+    max_opset: int | None = Field(None, ge=7, description="default: what the installed runtime supports")
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    batch: Literal["static1", "dynamic"] = "static1"
+    precision: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"
+    required: bool = Field(True, description="a required target that cannot compile stops the pipeline")
+    profile: RelPath | None = Field(None, description="target profile YAML (declared targets)")
+
+
+class Preprocess(Spec):
+    """What the model sees: x = (raw * scale - mean) / std, per channel when lists."""
+
+    scale: float = 1.0
+    mean: float | list[float] = 0.0
+    std: float | list[float] = 1.0
+
+
+class SplitSource(Spec):
+    """Where one data split comes from."""
+
+    kind: Literal["arrays", "image_folder", "loader"]
+    path: RelPath | None = Field(None, description="arrays: .npz (x, y); image_folder: the folder")
+    labels: RelPath | None = Field(None, description="image_folder: CSV/Parquet with columns path,label")
+    loader: ImportPath | None = Field(None, description="loader: function returning (x, y) arrays")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _complete(self) -> "SplitSource":
+        if self.kind in ("arrays", "image_folder") and self.path is None:
+            raise ValueError(f"kind {self.kind!r} needs 'path'")
+        if self.kind == "image_folder" and self.labels is None:
+            raise ValueError("kind 'image_folder' needs 'labels' (a table with columns path,label)")
+        if self.kind == "loader" and self.loader is None:
+            raise ValueError("kind 'loader' needs 'loader' ('package.module:function')")
+        return self
+
+
+class CaptureSpec(Spec):
+    """Production captures for the calibration flow."""
+
+    path: RelPath = Field(description="folder of images, or an .npz/.npy array file")
+    metadata: RelPath = Field(description="CSV or Parquet, one row per capture")
+    strata: list[str] = Field(default_factory=list, description="metadata columns to stratify on")
+
+
+class DataSpec(Spec):
+    validation: SplitSource = Field(description="chooses among quantization attempts")
+    test: SplitSource = Field(description="held out: parity and final validation only")
+    train: SplitSource | None = Field(None, description="training split (QAT, leakage checks)")
+    captures: CaptureSpec | None = None
+    train_manifest: RelPath | None = Field(None, description="content hashes of the training set")
+    test_manifest: RelPath | None = Field(None, description="content hashes of the test set")
+    preprocess: Preprocess = Preprocess()
+
+
+class Thresholds(Spec):
+    export_atol: float = Field(1e-5, gt=0, description="PyTorch vs ONNX FP32: max abs diff")
+    parity_samples: int = Field(32, ge=10, le=100, description="real samples in the parity gate")
+    int8_max_drop: float = Field(0.01, ge=0, description="INT8 metric may drop at most this much (0.01 = 1 point)")
+    device_quant_steps: float = Field(3.0, gt=0, description="device vs ONNX INT8: outputs within this many steps")
+    device_min_agreement: float = Field(0.99, ge=0, le=1, description="device vs ONNX INT8 top-1 agreement")
+
+
+class EdgeqConfig(Spec):
+    name: str
+    prepare: ImportPath | None = Field(None, description="called once before a run (builds the demo)")
+    prepare_kwargs: dict[str, Any] = Field(default_factory=dict)
+    store: str = Field(".edgeq/store", description="artifact store: local folder or fsspec URL")
+    model: ModelSpec
+    targets: list[TargetSpec] = Field(min_length=1)
+    data: DataSpec
+    thresholds: Thresholds = Thresholds()
+    base_dir: Path = Field(Path("."), exclude=True, description="folder of the config file")
+
+    @model_validator(mode="after")
+    def _unique_targets(self) -> "EdgeqConfig":
+        names = [t.name for t in self.targets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"target names must be unique, got {names}")
+        return self
+
+    @property
+    def store_url(self) -> str:
+        if "://" in self.store:
+            return self.store
+        p = Path(self.store).expanduser()
+        return str(p if p.is_absolute() else (self.base_dir / p).resolve())
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: {exc.error_count()} problem(s) in the config:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check its spelling and nesting)"
+        lines.append(f"  - {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path) -> EdgeqConfig:
+    """Load and validate a YAML config; errors name the file and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SpecError(f"{path} must hold a YAML mapping (model:, targets:, data:, ...), got {type(data).__name__}")
+    base = path.resolve().parent
+    try:
+        return EdgeqConfig.model_validate({**data, "base_dir": base}, context={"base_dir": base})
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc, str(path))) from None

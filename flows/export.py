@@ -1,0 +1,30 @@
+"""Flow: export a model to ONNX and gate it."""
+
+from __future__ import annotations
+
+from prefect import flow
+from pydantic import BaseModel, Field
+
+from edgeq.config import load_prepared
+from edgeq.store import ArtifactStore
+from tasks.export import ExportResult, export_task, publish_export_report
+
+
+class ExportParams(BaseModel):
+    config: str = Field("digits-demo.yaml", description="path of the edgeq YAML config")
+
+
+def run_export_stage(cfg) -> ExportResult:
+    """The export task, re-run when its cached artifact has gone from the store."""
+    result = export_task(cfg)
+    if not ArtifactStore(cfg.store_url).exists(result.onnx):
+        result = export_task.with_options(refresh_cache=True)(cfg)
+    return result
+
+
+@flow(name="export-model", log_prints=True)
+def export_model(params: ExportParams = ExportParams()) -> ExportResult:
+    cfg = load_prepared(params.config)
+    result = run_export_stage(cfg)
+    publish_export_report(result.report)
+    return result

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers that add caching, retries and UI artifacts to plain functions."""

@@ -1,0 +1,89 @@
+"""Shared fixtures: one Prefect test server per session, one demo build per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="edgeq-tests-"))
+# Before Prefect is imported anywhere: results of this session stay in this session.
+os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(_SESSION_TMP / "prefect-results"))
+os.environ.setdefault("PREFECT_HOME", str(_SESSION_TMP / "prefect-home"))
+
+from edgeq.quiet import quiet_environment  # noqa: E402
+
+quiet_environment()
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_YAML = REPO / "digits-demo.yaml"
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real Prefect API (temporary SQLite server), started once per test session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def demo_root() -> Path:
+    """The demo data and weights, built once per session."""
+    from edgeq.demo import ensure_demo
+
+    return ensure_demo(_SESSION_TMP / "demo")
+
+
+def write_config(folder: Path, demo_root: Path, **overrides) -> Path:
+    """A copy of the demo config in `folder`, pointing at the session's demo build; top-level keys overridable."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = yaml.safe_load(DEMO_YAML.read_text())
+    text = yaml.safe_dump(data).replace(".edgeq/demo", str(demo_root))
+    data = yaml.safe_load(text)
+    data["store"] = str(folder / "store")
+    data["prepare_kwargs"] = {"root": str(demo_root)}
+    for key, value in overrides.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_config_path(demo_root: Path) -> Path:
+    return write_config(_SESSION_TMP / "demo-config", demo_root)
+
+
+@pytest.fixture(scope="session")
+def demo_cfg(demo_config_path: Path):
+    from edgeq.config import load_prepared
+
+    return load_prepared(demo_config_path)
+
+
+@pytest.fixture(scope="session")
+def demo_export(demo_cfg):
+    """The demo model exported once per session (plain function, no Prefect)."""
+    from tasks.export import export_to_store
+
+    return export_to_store(demo_cfg)
+
+
+@pytest.fixture(scope="session")
+def demo_onnx_path(demo_cfg, demo_export) -> Path:
+    from edgeq.store import ArtifactStore
+
+    return ArtifactStore(demo_cfg.store_url).local_path(demo_export.onnx)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)
