@@ -14,7 +14,7 @@ $(BIN)/edgeq: pyproject.toml
 install: $(BIN)/edgeq
 
 demo: install
-	$(BIN)/edgeq run digits-demo.yaml
+	$(BIN)/edgeq demo digits-demo.yaml
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -73,10 +73,48 @@ def export(config: Path = typer.Argument(..., help="edgeq YAML config")) -> None
     console.print(f"ONNX model: {result.onnx.uri}  sha256 {result.onnx.sha256[:16]}…")
 
 
+def print_four_way(manifest: dict) -> None:
+    from edgeq.validation import ValidationReport, format_table
+
+    console.print(format_table(ValidationReport.model_validate(manifest["four_way"])), highlight=False, soft_wrap=True)
+
+
 @app.command()
-def run(config: Path = typer.Argument(..., help="edgeq YAML config")) -> None:
-    """Run the conversion pipeline on a config (today: the export stage)."""
-    export(config)
+def convert(
+    config: Path = typer.Argument(..., help="edgeq YAML config"),
+    calibration: str = typer.Option("latest", "--calibration", "-c", help="approved calibration version id"),
+    mode: str = typer.Option(None, "--mode", help="auto | ptq | qat (default: the config's)"),
+) -> None:
+    """Export -> compile check -> quantize -> four-way validation -> publish; prints the four-way table."""
+    from flows.convert import ConvertParams, convert_model
+
+    manifest = run_flow(convert_model, ConvertParams(config=str(config), calibration=calibration, mode=mode))
+    print_four_way(manifest)
+    console.print(f"[green]published[/] {manifest['bundle_id']} at {manifest['uri']}", soft_wrap=True)
+
+
+DEMO_REVIEWER = "edgeq-demo"
+
+
+@app.command()
+def demo(config: Path = typer.Argument(Path("digits-demo.yaml"), help="the demo config")) -> None:
+    """The whole demo in one command: build the demo, build and approve (as the demo reviewer) a calibration
+    set, then convert: export, compile check, quantize, four-way validation, publish."""
+    from calibration.versions import record_decision
+    from edgeq.specs import load_config
+    from edgeq.store import ArtifactStore
+    from flows.calibration import CalibrationParams, build_calibration_set
+
+    built = run_flow(build_calibration_set, CalibrationParams(config=str(config), wait_for_review=False))
+    vid = built.record.version
+    cfg_store = ArtifactStore(load_config(config).store_url)
+    record = record_decision(
+        cfg_store, vid, approve=True, reviewer=DEMO_REVIEWER,
+        comment="approved automatically by `edgeq demo` for the embedded demo; real calibration sets are "
+                "reviewed by a person in the Prefect UI or with `edgeq calibration review`",
+        via="edgeq demo") if built.record.status == "candidate" else built.record
+    console.print(f"calibration version {vid}: {record.status} by {record.decision.reviewer if record.decision else '-'}")
+    convert(config, calibration=vid, mode=None)
 
 
 # Sub-command groups contributed by other modules register themselves on `app`.
@@ -85,3 +123,23 @@ from edgeq import cli_calibration, cli_check  # noqa: E402,F401
 
 def main() -> None:  # pragma: no cover
     sys.exit(app())
+
+
+@app.command()
+def quantize(
+    config: Path = typer.Argument(..., help="edgeq YAML config"),
+    calibration: str = typer.Option(None, "--calibration", "-c", help="approved calibration version id (default: latest approved)"),
+) -> None:
+    """Quantize to INT8 QDQ ONNX from an approved calibration version, escalating until the SLA holds."""
+    from edgeq.quantization.escalate import format_attempts
+    from flows.quantize import QuantizeParams, quantize_model
+
+    result = run_flow(quantize_model, QuantizeParams(config=str(config), calibration=calibration))
+    rep = result.report
+    console.print(f"policy: start with {rep.policy.start} — {'; '.join(rep.policy.reasons)}")
+    console.print(f"types: {rep.types} ({rep.types_reason})")
+    console.print(format_attempts(rep), highlight=False)
+    chosen = rep.chosen_attempt
+    console.print(f"chosen: attempt {chosen.index} ({chosen.label}) {rep.metric_name} {chosen.metric:.4f} vs FP32 "
+                  f"{rep.fp32_metric:.4f}; {rep.speed_note}")
+    console.print(f"INT8 model: {result.int8.uri}")

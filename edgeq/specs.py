@@ -136,6 +136,14 @@ class TargetSpec(Spec):
     precision: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"
     required: bool = Field(True, description="a required target that cannot compile stops the pipeline")
     profile: RelPath | None = Field(None, description="target profile YAML (declared targets)")
+    threads: int | None = Field(None, ge=1, description="inference threads; default: every CPU this process may use")
+
+    @model_validator(mode="after")
+    def _declared_needs_profile(self) -> "TargetSpec":
+        if self.backend == "declared" and self.profile is None:
+            raise ValueError(f"target {self.name!r}: backend 'declared' needs 'profile' (a target profile YAML, "
+                             "e.g. backends/profiles/hailo8-example.yaml)")
+        return self
 
 
 class Preprocess(Spec):
@@ -172,6 +180,20 @@ class CaptureSpec(Spec):
     path: RelPath = Field(description="folder of images, or an .npz/.npy array file")
     metadata: RelPath = Field(description="CSV or Parquet, one row per capture")
     strata: list[str] = Field(default_factory=list, description="metadata columns to stratify on")
+    expected_strata: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="values each stratum column should have; values with no usable capture are reported missing",
+    )
+    id_column: str = Field("capture_id", description="metadata column naming each capture (default: its path)")
+    path_column: str = Field("path", description="image folder: metadata column with each file's relative path")
+    index_column: str = Field("index", description="array file: metadata column with each row's array index")
+    augmented_column: str | None = Field("augmented", description="metadata column flagging augmented rows")
+    target_size: int = Field(1024, ge=1, description="samples to select (all usable ones when the pool is smaller)")
+    min_size: int = Field(256, ge=1, description="fewer usable samples fail the flow unless overridden")
+    min_size_override: str | None = Field(
+        None, description="reason for accepting fewer than min_size samples (recorded in the version)"
+    )
+    seed: int = Field(0, description="seed of the stratified sample")
 
 
 class DataSpec(Spec):
@@ -192,6 +214,36 @@ class Thresholds(Spec):
     device_min_agreement: float = Field(0.99, ge=0, le=1, description="device vs ONNX INT8 top-1 agreement")
 
 
+class QuantizationSpec(Spec):
+    """How to reach INT8. Defaults follow what was measured on x86 CPUs, not the libraries' defaults."""
+
+    mode: Literal["auto", "ptq", "qat"] = Field("auto", description="auto: policy, then escalation until the SLA holds")
+    engine: Literal["onnxruntime", "nncf"] = Field("onnxruntime", description="first PTQ engine (auto tries both)")
+    calibration: str = Field("latest", description="approved calibration version id, or 'latest' approved")
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    per_channel: bool = Field(True, description="per-channel weights (per-tensor costs far more accuracy)")
+    types: Literal["auto", "u8s8", "s8s8"] = Field(
+        "auto", description="activation/weight types; auto chooses per deployment target, reason recorded")
+    op_types: list[str] = Field(
+        default_factory=lambda: ["Conv", "ConvTranspose", "MatMul", "Gemm"],
+        description="op types to quantize (quantizing LayerNorm/Gather/Add wrecked transformer accuracy)")
+    keep_fp32_nodes: list[str] = Field(default_factory=list, description="node names kept in FP32")
+    keep_fp32_op_types: list[str] = Field(default_factory=list, description="op types kept in FP32")
+    sla: Literal["flexible", "fixed"] = Field("flexible", description="fixed: a production SLA, QAT regardless")
+    deploy_target: str | None = Field(None, description="target whose latency must improve (default: first)")
+    max_sensitive_fp32: int = Field(3, ge=0, description="escalation keeps at most this many layers in FP32")
+    qat_epochs: int = Field(3, ge=1)
+    qat_lr: float = Field(1e-4, gt=0)
+    qat_loss: ImportPath | None = Field(None, description="loss function import path (default cross-entropy)")
+    latency_iters: int = Field(100, ge=10, description="timed batch-1 runs per attempt and runtime")
+
+
+class ValidationSpec(Spec):
+    device_target: str | None = Field(
+        None, description="target whose runner is the on-device INT8 stage (default: the first openvino target)")
+    latency_iters: int = Field(100, ge=10, description="timed batch-1 runs per runtime in the report")
+
+
 class EdgeqConfig(Spec):
     name: str
     prepare: ImportPath | None = Field(None, description="called once before a run (builds the demo)")
@@ -201,6 +253,8 @@ class EdgeqConfig(Spec):
     targets: list[TargetSpec] = Field(min_length=1)
     data: DataSpec
     thresholds: Thresholds = Thresholds()
+    quantization: QuantizationSpec = QuantizationSpec()
+    validation: ValidationSpec = ValidationSpec()
     base_dir: Path = Field(Path("."), exclude=True, description="folder of the config file")
 
     @model_validator(mode="after")

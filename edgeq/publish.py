@@ -1,0 +1,144 @@
+"""Publish a deploy bundle: only after every gate passed; atomic; same inputs, same bundle id.
+
+Layout in the store: ``bundles/<bundle id>/`` holding the INT8 QDQ ONNX model, each target's
+deployable form of it (e.g. OpenVINO IR), and ``manifest.json`` with the lineage. The folder is
+assembled under a temporary name and renamed into place (local stores), and the manifest is always
+the last file written, so a bundle with a manifest is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import uuid
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from edgeq import PIPELINE_VERSION, __version__
+from edgeq.errors import GateError
+from edgeq.specs import EdgeqConfig
+from edgeq.store import ArtifactStore, sha256_file, sha256_json
+
+_TOOLS = ("torch", "onnx", "onnxruntime", "openvino", "nncf", "prefect", "onnxscript", "numpy")
+_ISA = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
+        "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile", "neon", "asimd", "asimddp", "sve")
+
+
+def toolchain_versions() -> dict[str, str]:
+    out = {"edgeq": __version__, "pipeline": PIPELINE_VERSION, "python": platform.python_version()}
+    for name in _TOOLS:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def cpu_isa() -> dict[str, Any]:
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags |= set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {"machine": platform.machine(), "processor": platform.processor(),
+            "isa": sorted(f for f in _ISA if f in flags)}
+
+
+def bundle_identity(cfg: EdgeqConfig, int8_sha256: str, forms: dict[str, list[str]], lineage: dict[str, Any]) -> str:
+    """Bundle id from what went in (the INT8 model, the targets' forms, lineage, toolchain), not from measured
+    timings nor from compiled-form bytes: OpenVINO names constants from a process-wide counter, so its IR
+    of the same model differs byte-wise between processes."""
+    targets = [t.model_dump(mode="json", exclude={"required"}) for t in cfg.targets]
+    return "bundle-" + sha256_json({"int8": int8_sha256, "forms": forms, "targets": targets, "lineage": lineage,
+                                    "toolchain": toolchain_versions()})[:20]
+
+
+def publish_bundle(cfg: EdgeqConfig, int8_onnx: Path, lineage: dict[str, Any], measurements: dict[str, Any],
+                   gates_passed: bool) -> dict[str, Any]:
+    """Write the bundle; returns the manifest. Refuses unless every gate passed."""
+    if not gates_passed:
+        raise GateError("do not ship: a gate failed, nothing was published")
+    from backends import get_backend
+
+    store = ArtifactStore(cfg.store_url)
+    with tempfile.TemporaryDirectory() as tmp:
+        stage = Path(tmp) / "bundle"
+        stage.mkdir()
+        shutil.copy(int8_onnx, stage / f"{cfg.model.name}-int8.onnx")
+        forms: dict[str, list[str]] = {}
+        skipped: dict[str, str] = {}
+        for t in cfg.targets:
+            backend = get_backend(t.backend)
+            ok, why = backend.availability(t.device)
+            if t.backend in ("declared", "onnxruntime") or not ok:
+                skipped[t.name] = why or ("ships the INT8 ONNX model itself" if t.backend == "onnxruntime"
+                                          else "declared target: compile with the vendor toolchain")
+                continue
+            prepared = backend.prepare(int8_onnx, t, stage / t.name)
+            forms[t.name] = sorted(str(Path(p).relative_to(stage)) for p in prepared.files.values())
+        files = {str(p.relative_to(stage)): sha256_file(p) for p in sorted(stage.rglob("*")) if p.is_file()}
+        bundle_id = bundle_identity(cfg, sha256_file(int8_onnx), forms, lineage)
+        manifest = {"bundle_id": bundle_id, "model": {"name": cfg.model.name}, "files": files, "target_forms": forms,
+                    "targets_without_compiled_form": skipped, **lineage, **measurements,
+                    "toolchain": toolchain_versions(), "cpu": cpu_isa(),
+                    "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        existing = read_manifest(store, bundle_id)
+        if existing is not None:
+            return existing  # identical inputs: the same bundle, never a second manifest interleaved
+        (stage / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        _place(store, stage, bundle_id)
+    return read_manifest(store, bundle_id) or manifest
+
+
+def _bundle_dir(store: ArtifactStore, bundle_id: str) -> str:
+    return f"{store._base}/bundles/{bundle_id}"
+
+
+def _place(store: ArtifactStore, stage: Path, bundle_id: str) -> None:
+    final = _bundle_dir(store, bundle_id)
+    if store.is_local:
+        Path(final).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{final}.tmp-{uuid.uuid4().hex}"
+        shutil.copytree(stage, tmp)
+        try:
+            os.rename(tmp, final)  # atomic; fails if a concurrent publisher placed the same bundle first
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not Path(final, "manifest.json").is_file():
+                raise
+        return
+    for p in sorted(stage.rglob("*")):
+        if p.is_file() and p.name != "manifest.json":
+            store.fs.put_file(str(p), f"{final}/{p.relative_to(stage)}")
+    store.fs.put_file(str(stage / "manifest.json"), f"{final}/manifest.json")  # last: marks the bundle complete
+
+
+def read_manifest(store: ArtifactStore, bundle_id: str) -> dict[str, Any] | None:
+    path = f"{_bundle_dir(store, bundle_id)}/manifest.json"
+    if not store.fs.exists(path):
+        return None
+    return json.loads(store.fs.cat_file(path))
+
+
+def bundle_path(cfg: EdgeqConfig, bundle_id: str) -> str:
+    store = ArtifactStore(cfg.store_url)
+    return store.fs.unstrip_protocol(_bundle_dir(store, bundle_id))
+
+
+def emit_published(manifest: dict[str, Any], uri: str) -> None:
+    """A Prefect event for automations: `edgeq.model.published` with the bundle id."""
+    from prefect.events import emit_event
+
+    emit_event(event="edgeq.model.published",
+               resource={"prefect.resource.id": f"edgeq.bundle.{manifest['bundle_id']}",
+                         "prefect.resource.name": manifest["model"]["name"]},
+               payload={"bundle_id": manifest["bundle_id"], "model": manifest["model"]["name"], "uri": uri,
+                        "calibration_version": manifest.get("calibration", {}).get("version")})

@@ -1,0 +1,88 @@
+"""The PTQ-vs-QAT policy: read the architecture, decide where to start, record why."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+from torch import nn
+
+_STANDARD_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm2d)
+
+
+class ArchitectureScan(BaseModel):
+    depthwise_convs: int = 0
+    convs: int = 0
+    attention: list[str] = Field(default_factory=list)
+    custom_norms: list[str] = Field(default_factory=list)
+    cosine_head: bool = False
+    parameters: int = 0
+
+    @property
+    def style(self) -> str:
+        if self.attention:
+            return "attention"
+        if self.depthwise_convs:
+            return "mobile"
+        return "resnet" if self.convs else "other"
+
+
+class PolicyDecision(BaseModel):
+    start: str  # "ptq" | "qat"
+    allow_qat: bool
+    allow_ptq: bool
+    reasons: list[str]
+    scan: ArchitectureScan
+
+
+def scan_architecture(model: nn.Module, metric: str) -> ArchitectureScan:
+    scan = ArchitectureScan(parameters=sum(p.numel() for p in model.parameters()), cosine_head=metric == "cosine")
+    for name, m in model.named_modules():
+        cls = type(m).__name__
+        if isinstance(m, nn.Conv2d):
+            scan.convs += 1
+            if m.groups > 1 and m.groups == m.in_channels:
+                scan.depthwise_convs += 1
+        if isinstance(m, nn.MultiheadAttention) or "attention" in cls.lower():
+            scan.attention.append(name or cls)
+        elif "norm" in cls.lower() and not isinstance(m, _STANDARD_NORMS):
+            scan.custom_norms.append(f"{name} ({cls})")
+        elif cls.lower().startswith("cosine") or isinstance(m, nn.CosineSimilarity):
+            scan.cosine_head = True
+    return scan
+
+
+def decide(model: nn.Module, metric: str, mode: str, sla: str) -> PolicyDecision:
+    """DESIGN.md's policy: ResNet-style -> PTQ; mobile -> PTQ first, QAT likely; attention / custom norm /
+    cosine scoring -> QAT; a fixed SLA -> QAT regardless."""
+    scan = scan_architecture(model, metric)
+    if scan.attention or scan.custom_norms or scan.cosine_head:
+        what = (scan.attention and f"attention ({', '.join(scan.attention[:3])})"
+                or scan.custom_norms and f"custom normalisation ({', '.join(scan.custom_norms[:3])})"
+                or "cosine-similarity scoring")
+        arch, start = f"{what}: PTQ almost always misses the SLA here, start with QAT", "qat"
+    elif scan.style == "mobile":
+        arch, start = f"mobile-style ({scan.depthwise_convs} depthwise convs): PTQ first, QAT likely needed", "ptq"
+    elif scan.style == "resnet":
+        arch, start = f"ResNet-style ({scan.convs} convs, no depthwise): PTQ", "ptq"
+    else:
+        arch, start = "no convs/attention found: PTQ first", "ptq"
+    if mode == "ptq":
+        return PolicyDecision(start="ptq", allow_qat=False, allow_ptq=True, scan=scan,
+                              reasons=[arch, "mode: ptq in the config (no escalation to QAT)"])
+    if mode == "qat":
+        return PolicyDecision(start="qat", allow_qat=True, allow_ptq=False, scan=scan, reasons=[arch, "mode: qat in the config"])
+    if sla == "fixed":
+        return PolicyDecision(start="qat", allow_qat=True, allow_ptq=False, scan=scan,
+                              reasons=[arch, "quantization.sla is 'fixed': a production accuracy SLA gets QAT regardless"])
+    return PolicyDecision(start=start, allow_qat=True, allow_ptq=True, scan=scan, reasons=[arch])
+
+
+def choose_types(backend: str, device: str) -> tuple[str, str]:
+    """Activation/weight INT8 types for the deployment target, with the reason."""
+    if backend == "tensorrt" or device in ("cuda", "gpu"):
+        return "s8s8", "TensorRT/GPU INT8 kernels take symmetric signed activations and weights"
+    if backend == "declared":
+        return "s8s8", "vendor NPU compilers (declared targets) expect symmetric signed INT8"
+    return "u8s8", ("x86 CPU: unsigned activations + signed weights map onto VNNI kernels; measured here, "
+                    "signed activations left ops unfused and ran no faster than FP32")
+
+

@@ -1,0 +1,306 @@
+"""Four-way validation with ship gates: PyTorch FP32, ONNX FP32, ONNX INT8, on-device INT8.
+
+Same held-out samples, same metric, for every stage; each adjacent pair is gated:
+  PyTorch FP32 -> ONNX FP32   max abs output diff <= export tolerance; on failure, the first ONNX node
+                              whose output departs from a fresh export of the PyTorch model is named.
+  ONNX FP32   -> ONNX INT8    metric drop <= INT8 SLA; on failure, the per-layer sensitivity table.
+  ONNX INT8   -> device INT8  outputs within N quantization steps of the output range and top-1
+                              agreement >= the floor. INT8 runtimes legitimately differ by a step
+                              (OpenVINO rounds half away from zero, ONNX Runtime half to even), so
+                              bit equality would be the wrong gate.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from pydantic import BaseModel, Field
+
+from edgeq.data import pixel_hash
+from edgeq.errors import GateError, SpecError
+from edgeq.metrics import score
+from edgeq.specs import EdgeqConfig, TargetSpec
+
+STAGES = ("PyTorch FP32", "ONNX FP32", "ONNX INT8", "device INT8")
+
+
+class StageRow(BaseModel):
+    stage: str
+    runtime: str
+    metric: float
+    ci95: float
+    samples: int
+    latency_ms: float | None = None
+    precision: str = ""
+
+
+class GateRow(BaseModel):
+    gate: str
+    pair: str
+    measured: str
+    threshold: str
+    passed: bool
+    max_abs_diff: float | None = None
+    top1_agreement: float | None = None
+    where: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ValidationReport(BaseModel):
+    model: str
+    metric_name: str
+    samples: int
+    calibration_version: str
+    device_target: str
+    stages: list[StageRow]
+    gates: list[GateRow]
+    notes: list[str] = Field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+    def failed_gates(self) -> list[GateRow]:
+        return [g for g in self.gates if not g.passed]
+
+
+# ---------------------------------------------------------------- data hygiene
+def check_disjoint(test_raw: np.ndarray, calibration_hashes: set[str], version: str) -> None:
+    """The test split must share no sample with the calibration version (by content hash)."""
+    overlap = sum(pixel_hash(s) in calibration_hashes for s in test_raw)
+    if overlap:
+        raise GateError(
+            f"the test split shares {overlap} of {len(test_raw)} samples with calibration version {version} "
+            "(same decoded pixels): a held-out set must be disjoint from the calibration set — fix data.test "
+            "or rebuild the calibration set from captures that exclude the test manifest"
+        )
+
+
+# ---------------------------------------------------------------- runners
+def _agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    a2, b2 = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    return float(np.abs(a2.astype(np.float64) - b2).max()), float((a2.argmax(1) == b2.argmax(1)).mean())
+
+
+def run_torch_batched(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return np.concatenate([model(torch.from_numpy(x[i:i + 256])).numpy() for i in range(0, len(x), 256)])
+
+
+def torch_latency(model: torch.nn.Module, sample: np.ndarray, iters: int) -> float:
+    t = torch.from_numpy(sample[None])
+    with torch.no_grad():
+        for _ in range(max(5, iters // 10)):
+            model(t)
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            model(t)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def run_target(path: Path, target: TargetSpec, x: np.ndarray, input_name: str, output_name: str,
+               iters: int) -> tuple[np.ndarray, float, str]:
+    """Outputs sample by sample (static batch 1), batch-1 latency, and the precision that really ran."""
+    from backends import get_backend
+    from backends.base import benchmark
+
+    backend = get_backend(target.backend)
+    ok, why = backend.availability(target.device)
+    if not ok:
+        raise SpecError(f"device target {target.name} is unavailable: {why}")
+    with backend.runner(path, target) as runner:
+        outs = [runner.infer({input_name: x[i:i + 1]})[output_name] for i in range(len(x))]
+        lat = benchmark(runner, {input_name: x[:1]}, warmup=max(5, iters // 10), iters=iters)
+    return np.concatenate(outs), lat.median_ms, lat.precision
+
+
+def pick_device_target(cfg: EdgeqConfig) -> TargetSpec:
+    name = cfg.validation.device_target
+    if name:
+        t = next((t for t in cfg.targets if t.name == name), None)
+        if t is None:
+            raise SpecError(f"validation.device_target {name!r} is not one of the targets "
+                            f"({', '.join(t.name for t in cfg.targets)})")
+        return t
+    t = next((t for t in cfg.targets if t.backend == "openvino"), None)
+    if t is None:
+        raise SpecError("no device target: set validation.device_target (the default is the first openvino target)")
+    return t
+
+
+# ---------------------------------------------------------------- localization
+def _all_activations(path: Path, x: np.ndarray, input_name: str) -> dict[str, np.ndarray]:
+    from onnxruntime.quantization.qdq_loss_debug import collect_activations, modify_model_output_intermediate_tensors
+
+    from edgeq.quantization.ptq import ArrayReader
+
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        aug = Path(tmp) / "aug.onnx"
+        modify_model_output_intermediate_tensors(str(path), str(aug))
+        acts = collect_activations(str(aug), ArrayReader(input_name, x))
+    return {k: np.concatenate(v) for k, v in acts.items()}
+
+
+def first_departing_node(reference: Path, candidate: Path, x: np.ndarray, input_name: str, atol: float) -> list[dict[str, Any]]:
+    """Walk the reference graph in order; the first node whose output differs in `candidate` beyond `atol`."""
+    ref_acts = _all_activations(reference, x, input_name)
+    cand_acts = _all_activations(candidate, x, input_name)
+    graph = onnx.load(str(reference), load_external_data=False).graph
+    compared = 0
+    for node in graph.node:
+        for out in node.output:
+            if out in ref_acts and out in cand_acts and ref_acts[out].shape == cand_acts[out].shape:
+                compared += 1
+                diff = float(np.abs(ref_acts[out].astype(np.float64) - cand_acts[out]).max())
+                if diff > atol:
+                    return [{"node": node.name, "op_type": node.op_type, "output": out, "max_abs_diff": diff,
+                             "tolerance": atol, "nodes_matching_before": compared - 1}]
+    return [{"node": "", "note": f"no node output departs beyond {atol:g} among {compared} compared "
+                                  "(graphs may differ in structure)"}]
+
+
+def fresh_reference_export(cfg: EdgeqConfig, model: torch.nn.Module, x: np.ndarray, opset: int, out: Path) -> Path:
+    from edgeq.export import export_onnx, make_inputs
+
+    export_onnx(model, cfg.model, opset, make_inputs(cfg.model, cfg.model.example_dims, x), out)
+    return out
+
+
+def output_step(int8_out: np.ndarray) -> float:
+    """One 8-bit quantization step of the output range, as ONNX INT8 produced it."""
+    return float((int8_out.max() - int8_out.min()) / 255.0) or 1e-12
+
+
+# ---------------------------------------------------------------- the stage
+def validate_four_way(cfg: EdgeqConfig, model: torch.nn.Module, fp32_onnx: Path, int8_onnx: Path,
+                      test: tuple[np.ndarray, np.ndarray | None], calib: np.ndarray | None,
+                      calibration_version: str, opset: int) -> ValidationReport:
+    """Run the four stages and every gate; returns the report (check `.passed`)."""
+    from edgeq.quantization.escalate import run_onnx
+    from edgeq.specs import TargetSpec as _T
+
+    spec, th = cfg.model, cfg.thresholds
+    inp, outn = spec.inputs[0].name, spec.outputs[0]
+    x, y = test
+    iters = cfg.validation.latency_iters
+    device = pick_device_target(cfg)
+    ort_cpu = _T(name="onnxruntime-cpu", backend="onnxruntime", batch="dynamic")
+
+    pt = run_torch_batched(model, x)
+    reference = pt if spec.metric == "cosine" else None
+    o32 = run_onnx(fp32_onnx, x, inp, outn)
+    o8 = run_onnx(int8_onnx, x, inp, outn)
+    dev, dev_ms, dev_prec = run_target(int8_onnx, device, x, inp, outn, iters)
+    from backends import get_backend
+    from backends.base import benchmark
+
+    lat = {}
+    for name, path in (("ONNX FP32", fp32_onnx), ("ONNX INT8", int8_onnx)):
+        with get_backend("onnxruntime").runner(path, ort_cpu) as r:
+            lat[name] = benchmark(r, {inp: x[:1]}, warmup=max(5, iters // 10), iters=iters).median_ms
+    stages = []
+    for stage, runtime, out, ms, prec in (
+        ("PyTorch FP32", f"torch {torch.__version__}", pt, torch_latency(model, x[0], iters), "fp32"),
+        ("ONNX FP32", "onnxruntime CPU", o32, lat["ONNX FP32"], "fp32"),
+        ("ONNX INT8", "onnxruntime CPU", o8, lat["ONNX INT8"], "int8"),
+        ("device INT8", f"{device.backend} {device.device} ({device.name})", dev, dev_ms, dev_prec),
+    ):
+        m, ci = score(spec.metric, out, y, reference)
+        stages.append(StageRow(stage=stage, runtime=runtime, metric=m, ci95=ci, samples=len(x), latency_ms=ms, precision=prec))
+
+    gates = []
+    # Gate 1: export parity.
+    mad, agree = _agreement(pt, o32)
+    g1 = GateRow(gate="export parity", pair="PyTorch FP32 -> ONNX FP32", measured=f"max abs diff {mad:.3g}",
+                 threshold=f"<= {th.export_atol:g}", passed=mad <= th.export_atol, max_abs_diff=mad, top1_agreement=agree)
+    if not g1.passed:
+        with tempfile.TemporaryDirectory() as tmp:
+            ref = fresh_reference_export(cfg, model, x[:8], opset, Path(tmp) / "reference.onnx")
+            g1.where = first_departing_node(ref, fp32_onnx, x[:8], inp, th.export_atol)
+    gates.append(g1)
+    # Gate 2: INT8 accuracy SLA.
+    drop = stages[1].metric - stages[2].metric
+    mad, agree = _agreement(o32, o8)
+    g2 = GateRow(gate="INT8 accuracy SLA", pair="ONNX FP32 -> ONNX INT8",
+                 measured=f"{spec.metric} {stages[2].metric:.4f} vs {stages[1].metric:.4f} (drop {drop:+.4f}, "
+                          f"±{stages[2].ci95:.4f} at 95 % over {len(x)} samples)",
+                 threshold=f"drop <= {th.int8_max_drop:g}", passed=drop <= th.int8_max_drop, max_abs_diff=mad,
+                 top1_agreement=agree)
+    if not g2.passed and calib is not None:
+        from edgeq.quantization.ptq import preprocess_model
+        from edgeq.quantization.sensitivity import sensitivity_table
+
+        with tempfile.TemporaryDirectory() as tmp:
+            pre = preprocess_model(fp32_onnx, Path(tmp) / "pre.onnx")
+            try:
+                rows = sensitivity_table(pre, int8_onnx, np.asarray(calib[:32]), inp, cfg.quantization.op_types)
+                g2.where = [r.model_dump() for r in rows[:10]]
+            except Exception as exc:  # noqa: BLE001 - graphs that no longer line up still fail the gate
+                g2.where = [{"note": f"sensitivity table unavailable: {exc}"}]
+    gates.append(g2)
+    # Gate 3: device agreement.
+    mad, agree = _agreement(o8, dev)
+    step = output_step(o8)
+    tol = th.device_quant_steps * step
+    g3 = GateRow(gate="device agreement", pair=f"ONNX INT8 -> device INT8 ({device.name})",
+                 measured=f"max abs diff {mad:.3g} ({mad / step:.1f} output steps), top-1 agreement {agree:.4f}",
+                 threshold=f"<= {th.device_quant_steps:g} steps ({tol:.3g}) and agreement >= {th.device_min_agreement:g}",
+                 passed=mad <= tol and agree >= th.device_min_agreement, max_abs_diff=mad, top1_agreement=agree)
+    if not g3.passed:
+        worst = int(np.abs(o8.reshape(len(o8), -1) - dev.reshape(len(dev), -1)).max(1).argmax())
+        g3.where = [{"worst_sample": worst, "note": f"{device.backend} runner exposes final outputs only: "
+                                                    "per-layer intermediates are not readable through it"}]
+    gates.append(g3)
+    return ValidationReport(model=spec.name, metric_name=spec.metric, samples=len(x),
+                            calibration_version=calibration_version, device_target=device.name, stages=stages,
+                            gates=gates, notes=[f"device output step = (max - min) / 255 of ONNX INT8 outputs = {step:.3g}"])
+
+
+def format_table(report: ValidationReport) -> str:
+    lines = [f"{'stage':14} {'runtime':34} {report.metric_name:>8} {'±95%':>7} {'n':>5} {'ms':>8}  precision"]
+    for s in report.stages:
+        lines.append(f"{s.stage:14} {s.runtime[:34]:34} {s.metric:8.4f} {s.ci95:7.4f} {s.samples:5d} "
+                     f"{'-' if s.latency_ms is None else f'{s.latency_ms:8.3f}':>8}  {s.precision}")
+    lines.append("")
+    for g in report.gates:
+        lines.append(f"[{'PASS' if g.passed else 'FAIL'}] {g.gate}: {g.pair}: {g.measured} (threshold {g.threshold})")
+        for w in g.where[:5]:
+            lines.append(f"         where: {w}")
+    return "\n".join(lines)
+
+
+def chart_png(report: ValidationReport) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    names = [s.stage for s in report.stages]
+    a.bar(names, [s.metric for s in report.stages], yerr=[s.ci95 for s in report.stages], color="#4C72B0")
+    lo = min(s.metric - s.ci95 for s in report.stages)
+    a.set_ylim(max(0.0, lo - 0.05), 1.0 if report.metric_name in ("top1", "cosine") else None)
+    a.set_title(f"{report.metric_name} per stage ({report.samples} held-out samples)")
+    a.tick_params(axis="x", labelrotation=15)
+    b.bar(names, [s.latency_ms or 0 for s in report.stages], color="#DD8452")
+    b.set_title("batch-1 latency (ms, median)")
+    b.tick_params(axis="x", labelrotation=15)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def png_data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()

@@ -1,0 +1,91 @@
+"""Flow `convert_model`: export -> compile check -> quantize -> four-way validation -> publish.
+
+Each stage is a cached task keyed on content, so an unchanged re-run is cache hits end to end and a
+run that crashed mid-way resumes from its cached stages.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, Field
+
+from edgeq.config import load_prepared, prepare
+from edgeq.errors import SpecError
+from edgeq.specs import EdgeqConfig
+from edgeq.store import sha256_file
+from flows.compile_check import run_compile_check_stage
+from flows.export import run_export_stage
+from flows.quantize import run_quantize_stage
+from tasks.publish import publish_task
+from tasks.validate import ValidateResult, publish_validation, validate_task
+
+
+class ConvertParams(BaseModel):
+    config: str = Field("digits-demo.yaml", description="path of the edgeq YAML config (on the worker)")
+    inline: dict[str, Any] | None = Field(None, description="an inline config (same fields as the YAML); overrides `config`")
+    calibration: str = Field("latest", description="approved calibration version id, or 'latest' approved for the model")
+    mode: Literal["auto", "ptq", "qat"] | None = Field(None, description="quantization mode (default: the config's)")
+    max_drop: float | None = Field(None, ge=0, le=1, description="INT8 SLA: max metric drop vs FP32 (default: the config's)")
+
+
+def resolve_config(params: ConvertParams) -> EdgeqConfig:
+    if params.inline is not None:
+        from pathlib import Path
+
+        try:
+            cfg = EdgeqConfig.model_validate({**params.inline, "base_dir": Path.cwd()}, context={"base_dir": Path.cwd()})
+        except Exception as exc:  # noqa: BLE001
+            raise SpecError(f"inline config: {exc}") from None
+        prepare(cfg)
+    else:
+        cfg = load_prepared(params.config)
+    q = cfg.quantization.model_copy(update={k: v for k, v in {"mode": params.mode, "calibration": params.calibration}.items() if v})
+    th = cfg.thresholds.model_copy(update={"int8_max_drop": params.max_drop} if params.max_drop is not None else {})
+    return cfg.model_copy(update={"quantization": q, "thresholds": th})
+
+
+def lineage(cfg: EdgeqConfig, exported, quantized, calibration) -> dict[str, Any]:
+    chosen = quantized.report.chosen_attempt
+    d = calibration.decision
+    return {
+        "model": {"name": cfg.model.name, "factory": cfg.model.factory, "kwargs": cfg.model.kwargs,
+                  "weights_sha256": sha256_file(cfg.model.weights),
+                  "fp32_onnx_sha256": exported.onnx.sha256, "int8_onnx_sha256": quantized.int8.sha256,
+                  "opset": exported.report.opset, "exporter": exported.report.exporter},
+        "calibration": {"version": calibration.version, "size": calibration.size,
+                        "reviewer": d.reviewer if d else None, "decided_at": d.decided_at if d else None,
+                        "comment": d.comment if d else None},
+        "quantization": {"chosen": chosen.label, "kind": chosen.kind,
+                         "settings": {k: v for k, v in chosen.settings.items() if k != "epochs_log"},
+                         "types": quantized.report.types, "policy": quantized.report.policy.reasons},
+        "thresholds": cfg.thresholds.model_dump(mode="json"),
+    }
+
+
+@flow(name="convert_model", log_prints=True)
+def convert_model(params: ConvertParams = ConvertParams()) -> dict[str, Any]:
+    """The whole conversion: returns the published bundle's manifest (with `uri`)."""
+    from calibration.versions import load_version
+    from edgeq.store import ArtifactStore
+
+    cfg = resolve_config(params)
+    logger = get_run_logger()
+    exported = run_export_stage(cfg)
+    run_compile_check_stage(cfg, exported)
+    quantized = run_quantize_stage(cfg, exported, cfg.quantization.calibration)
+    version = quantized.report.calibration_version
+    validated: ValidateResult = validate_task(cfg, exported.onnx, quantized.int8, version, exported.report.opset)
+    publish_validation(validated.report, ArtifactStore(cfg.store_url).read_bytes(validated.chart))
+    calibration = load_version(ArtifactStore(cfg.store_url), version)
+    measurements = {
+        "four_way": validated.report.model_dump(mode="json"),
+        "four_way_report": validated.report_json.uri,
+        "quantization_attempts": quantized.report.attempts_table(),
+        "speed": quantized.report.speed_note,
+    }
+    manifest = publish_task(cfg, quantized.int8, lineage(cfg, exported, quantized, calibration), measurements,
+                            validated.report.passed)
+    logger.info("published %s at %s", manifest["bundle_id"], manifest["uri"])
+    return manifest

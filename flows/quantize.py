@@ -1,0 +1,37 @@
+"""Flow: export (cached) -> compile check (gate) -> INT8 quantization from an approved calibration version."""
+
+from __future__ import annotations
+
+from prefect import flow
+from pydantic import BaseModel, Field
+
+from edgeq.config import load_prepared
+from edgeq.store import ArtifactStore
+from flows.compile_check import run_compile_check_stage
+from flows.export import run_export_stage
+from tasks.quantize import QuantizeResult, publish_quantization, quantize_task, resolve_calibration
+
+
+class QuantizeParams(BaseModel):
+    config: str = Field("digits-demo.yaml", description="path of the edgeq YAML config")
+    calibration: str | None = Field(None, description="approved calibration version id; default: the config's "
+                                                      "quantization.calibration ('latest' approved)")
+
+
+def run_quantize_stage(cfg, export_result, calibration: str | None = None) -> QuantizeResult:
+    # Resolve "latest" to an id before keying the cache, and refuse a non-approved version before any work.
+    version = resolve_calibration(cfg, calibration).version.version
+    result = quantize_task(cfg, export_result.onnx, version, export_result.report.opset)
+    if not ArtifactStore(cfg.store_url).exists(result.int8):
+        result = quantize_task.with_options(refresh_cache=True)(cfg, export_result.onnx, version,
+                                                                export_result.report.opset)
+    publish_quantization(result.report)
+    return result
+
+
+@flow(name="quantize", log_prints=True)
+def quantize_model(params: QuantizeParams = QuantizeParams()) -> QuantizeResult:
+    cfg = load_prepared(params.config)
+    exported = run_export_stage(cfg)
+    run_compile_check_stage(cfg, exported)
+    return run_quantize_stage(cfg, exported, params.calibration)

@@ -1,0 +1,25 @@
+"""Publishing as a Prefect task: the bundle, a markdown artifact, and the `edgeq.model.published` event."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+
+from edgeq.publish import bundle_path, emit_published, publish_bundle
+from edgeq.specs import EdgeqConfig
+from edgeq.store import ArtifactRef, ArtifactStore
+
+
+@task(name="publish", retries=2, retry_delay_seconds=2)
+def publish_task(cfg: EdgeqConfig, int8: ArtifactRef, lineage: dict, measurements: dict, gates_passed: bool) -> dict:
+    store = ArtifactStore(cfg.store_url)
+    manifest = publish_bundle(cfg, store.local_path(int8), lineage, measurements, gates_passed)
+    uri = bundle_path(cfg, manifest["bundle_id"])
+    create_markdown_artifact(
+        markdown=f"# Published `{manifest['bundle_id']}`\n\n- model `{manifest['model']['name']}`\n- bundle: `{uri}`\n"
+                 f"- files: {', '.join(f'`{f}`' for f in manifest['files'])}\n"
+                 f"- calibration `{manifest['calibration']['version']}` approved by "
+                 f"{manifest['calibration']['reviewer']}",
+        key="published-bundle", description="deploy bundle")
+    emit_published(manifest, uri)
+    return {**manifest, "uri": uri}

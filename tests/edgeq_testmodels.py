@@ -1,0 +1,76 @@
+"""Small models with planted export faults, importable by config import paths in tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeq.demo import DigitsNet
+
+
+class TensorIf(DigitsNet):
+    """Python `if` on a tensor value: export cannot capture it."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        if y.sum() > 0:
+            return y * 2
+        return y
+
+
+class CondNet(DigitsNet):
+    """The same branch written with torch.cond: exports as an ONNX If node."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        return torch.cond(y.sum() > 0, lambda t: t * 2, lambda t: t - 1, (y,))
+
+
+class NoSymbolic(DigitsNet):
+    """Uses an op (Airy function) with no ONNX translation."""
+
+    def forward(self, x):
+        return torch.special.airy_ai(super().forward(x))
+
+
+class BakedBatch(DigitsNet):
+    """Reads the batch size as a Python int: tracing bakes it into the graph."""
+
+    def forward(self, x):
+        n = int(x.shape[0])
+        feats = self.pool(self.blocks(self.stem(x))).reshape(n, -1)
+        return self.head(feats)
+
+
+class LiteralBatch(DigitsNet):
+    """Reshapes with a literal batch size of 2."""
+
+    def forward(self, x):
+        return self.head(self.pool(self.blocks(self.stem(x))).reshape(2, -1))
+
+
+def literal_batch(**kw):
+    return LiteralBatch(**kw)
+
+
+def tensor_if(**kw):
+    return TensorIf(**kw)
+
+
+def cond_net(**kw):
+    return CondNet(**kw)
+
+
+def no_symbolic(**kw):
+    return NoSymbolic(**kw)
+
+
+def baked_batch(**kw):
+    return BakedBatch(**kw)
+
+
+def three_channel_digits(path: str):
+    """Test split with 3 channels, for a model that takes 1."""
+    with np.load(path) as z:
+        return np.repeat(z["x"], 3, axis=1), z["y"]
