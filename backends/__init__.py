@@ -1,15 +1,31 @@
-"""Runtime backends behind one contract, found by name; each SDK is imported only when used."""
+"""Runtime backends behind one contract, found by name; each SDK is imported only when used.
+
+Public API for other stages::
+
+    from backends import get_backend, benchmark
+    backend = get_backend(target.backend)
+    with backend.runner(onnx_path, target) as r:      # a backends.base.Runner
+        out = r.infer({"image": x})                   # {output name: np.ndarray}
+        lat = benchmark(r, warmup=10, iters=100)     # LatencyReport(median_ms, p90_ms, threads, precision)
+    report = backend.check_compiles(onnx_path, target)  # CompileReport (one matrix row)
+"""
 
 from __future__ import annotations
 
 import importlib
 
-from backends.base import Backend
+from backends.base import Backend, CompileReport, LatencyReport, Runner, benchmark
+
+__all__ = ["Backend", "CompileReport", "LatencyReport", "Runner", "benchmark", "get_backend", "known_backends"]
 
 # name -> "module:Class"; modules are imported on first use so a missing SDK costs nothing here.
+# Extras a backend needs: tensorrt -> `pip install 'edgeq[tensorrt]'` plus an NVIDIA GPU.
 _REGISTRY: dict[str, str] = {
     "onnxruntime": "backends.onnxruntime:OnnxRuntimeBackend",
     "openvino": "backends.openvino:OpenVinoBackend",
+    "command": "backends.command:CommandBackend",
+    "tensorrt": "backends.tensorrt:TensorRtBackend",
+    "declared": "backends.declared:DeclaredBackend",
 }
 
 

@@ -22,7 +22,7 @@ err_console = Console(stderr=True)
 
 
 def fail(msg: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {msg}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

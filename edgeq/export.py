@@ -86,7 +86,7 @@ def choose_opset(targets: list[TargetSpec]) -> tuple[int, str]:
 
     limits = []
     for t in targets:
-        limit = t.max_opset if t.max_opset is not None else get_backend(t.backend).max_opset()
+        limit = t.max_opset if t.max_opset is not None else get_backend(t.backend).max_opset(t)
         limits.append((limit, t.name))
     opset, who = min(limits)
     return opset, f"lowest maximum opset among targets: {who} supports up to {opset}"

@@ -136,6 +136,8 @@ class TargetSpec(Spec):
     precision: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"
     required: bool = Field(True, description="a required target that cannot compile stops the pipeline")
     profile: RelPath | None = Field(None, description="target profile YAML (declared targets)")
+    command: list[str] | None = Field(
+        None, description="backend 'command': a program run as COMMAND MODEL INPUTS.npz OUTPUTS.npz (a remote device)")
     threads: int | None = Field(None, ge=1, description="inference threads; default: every CPU this process may use")
 
     @model_validator(mode="after")
@@ -244,6 +246,18 @@ class ValidationSpec(Spec):
     latency_iters: int = Field(100, ge=10, description="timed batch-1 runs per runtime in the report")
 
 
+class TrainingSpec(Spec):
+    """The user's training entrypoint, called by the `retrain_to_deploy` flow."""
+
+    entrypoint: ImportPath = Field(
+        "flows.retrain:train_digits_demo",
+        description="'package.module:function' called as fn(config=EdgeqConfig, **kwargs); returns a "
+                    "torch.nn.Module or a state_dict (name -> tensor)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the entrypoint")
+    weights_name: str | None = Field(
+        None, description="file name of the new weights in the store (default: <model name>.safetensors)")
+
+
 class EdgeqConfig(Spec):
     name: str
     prepare: ImportPath | None = Field(None, description="called once before a run (builds the demo)")
@@ -255,6 +269,7 @@ class EdgeqConfig(Spec):
     thresholds: Thresholds = Thresholds()
     quantization: QuantizationSpec = QuantizationSpec()
     validation: ValidationSpec = ValidationSpec()
+    training: TrainingSpec | None = Field(None, description="retraining entrypoint (default: the demo trainer)")
     base_dir: Path = Field(Path("."), exclude=True, description="folder of the config file")
 
     @model_validator(mode="after")

@@ -119,7 +119,10 @@ def run_target(path: Path, target: TargetSpec, x: np.ndarray, input_name: str, o
     if not ok:
         raise SpecError(f"device target {target.name} is unavailable: {why}")
     with backend.runner(path, target) as runner:
-        outs = [runner.infer({input_name: x[i:i + 1]})[output_name] for i in range(len(x))]
+        if target.batch == "dynamic":  # one call for the whole split (a remote device pays per call)
+            outs = [runner.infer({input_name: x})[output_name]]
+        else:
+            outs = [runner.infer({input_name: x[i:i + 1]})[output_name] for i in range(len(x))]
         lat = benchmark(runner, {input_name: x[:1]}, warmup=max(5, iters // 10), iters=iters)
     return np.concatenate(outs), lat.median_ms, lat.precision
 

@@ -74,3 +74,26 @@ def three_channel_digits(path: str):
     """Test split with 3 channels, for a model that takes 1."""
     with np.load(path) as z:
         return np.repeat(z["x"], 3, axis=1), z["y"]
+
+
+class OutlierNet(DigitsNet):
+    """The demo network with one pooled feature scaled up 64x and the head scaled down to match.
+
+    In FP32 it computes exactly what DigitsNet computes; INT8 with per-tensor activation ranges (what
+    ONNX Runtime and OpenVINO quantize activations with) loses the other 63 features' resolution at the
+    head's input: a model that post-training quantization cannot serve within a tight SLA.
+    """
+
+    def __init__(self, width: int = 16, num_classes: int = 10, outlier: float = 64.0):
+        super().__init__(width=width, num_classes=num_classes)
+        s = torch.ones(4 * width)
+        s[0] = outlier
+        self.register_buffer("outlier_scale", s, persistent=False)
+
+    def forward(self, x):
+        feats = torch.flatten(self.pool(self.blocks(self.stem(x))), 1) * self.outlier_scale
+        return nn.functional.linear(feats, self.head.weight / self.outlier_scale, self.head.bias)
+
+
+def outlier_net(**kw):
+    return OutlierNet(**kw)

@@ -16,6 +16,10 @@ from edgeq.store import ArtifactStore
 from tasks.export import export_to_store
 
 
+# Runtimes that read opset 18+, so the torch.export-based exporter is used (the demo's declared target caps at 17).
+MODERN = [{"name": "ort-cpu", "backend": "onnxruntime"}, {"name": "openvino-cpu", "backend": "openvino"}]
+
+
 def _cfg(tmp_path, demo_root, model=None, **top):
     path = write_config(tmp_path, demo_root, **top)
     if model:
@@ -111,7 +115,7 @@ def test_input_shape_the_model_rejects(tmp_path, demo_root):
 
 
 def test_tensor_dependent_control_flow_is_named(tmp_path, demo_root):
-    cfg = _cfg(tmp_path, demo_root, model={"factory": "edgeq_testmodels:tensor_if"})
+    cfg = _cfg(tmp_path, demo_root, model={"factory": "edgeq_testmodels:tensor_if"}, targets=MODERN)
     with pytest.raises(ExportError, match="tensor-dependent Python control flow.*torch.cond"):
         export_to_store(cfg)
     assert _store_files(cfg) == []
@@ -124,7 +128,8 @@ def test_tensor_dependent_control_flow_traced_is_refused(tmp_path, demo_root):
 
 
 def test_torch_cond_exports_an_if_reported_per_target(tmp_path, demo_root):
-    cfg = _cfg(tmp_path, demo_root, model={"factory": "edgeq_testmodels:cond_net"})
+    # torch.cond needs the torch.export exporter (opset >= 18).
+    cfg = _cfg(tmp_path, demo_root, model={"factory": "edgeq_testmodels:cond_net"}, targets=MODERN)
     res = export_to_store(cfg)
     ifs = [f for f in res.report.findings if f.op_type == "If"]
     assert len(ifs) == 1 and ifs[0].kind == "control-flow" and ifs[0].node
@@ -134,7 +139,7 @@ def test_torch_cond_exports_an_if_reported_per_target(tmp_path, demo_root):
 
 
 def test_op_without_onnx_symbolic_is_named(tmp_path, demo_root):
-    cfg = _cfg(tmp_path, demo_root, model={"factory": "edgeq_testmodels:no_symbolic"})
+    cfg = _cfg(tmp_path, demo_root, model={"factory": "edgeq_testmodels:no_symbolic"}, targets=MODERN)
     with pytest.raises(ExportError, match="op aten.special_airy_ai.* has no ONNX translation"):
         export_to_store(cfg)
     cfg = _cfg(tmp_path, demo_root, model={"factory": "edgeq_testmodels:no_symbolic", "exporter": "torchscript"},
@@ -152,7 +157,7 @@ def test_baked_batch_fails_the_probe_naming_the_axis(tmp_path, demo_root):
 
 
 def test_baked_batch_under_torch_export_names_the_axis(tmp_path, demo_root):
-    cfg = _cfg(tmp_path, demo_root, model={"factory": "edgeq_testmodels:literal_batch"})
+    cfg = _cfg(tmp_path, demo_root, model={"factory": "edgeq_testmodels:literal_batch"}, targets=MODERN)
     with pytest.raises(ExportError, match=r"input 'image' axis 0 \('batch'\) is declared dynamic but the model code fixes it to 2"):
         export_to_store(cfg)
 

@@ -209,7 +209,9 @@ def run_quantization(
                      + [ptq(base.model_copy(update={"engine": other_engine}))])
 
         def keep_sensitive() -> list[Attempt]:
-            done = [a for a in attempts if a.kind == "ptq" and a.onnx_path and not a.error]
+            # ONNX Runtime's QDQ keeps the FP32 tensor names that the sensitivity tool matches on (NNCF's does not).
+            done = [a for a in attempts if a.kind == "ptq" and a.onnx_path and not a.error
+                    and a.settings.get("engine") == "onnxruntime"]
             if not done or q.max_sensitive_fp32 == 0:
                 return []
             best = max(done, key=lambda a: a.metric)

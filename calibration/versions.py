@@ -1,0 +1,178 @@
+"""Immutable calibration versions and their review decision, in the artifact store.
+
+A version's samples, manifest and report are content-addressed objects; its record
+(``records/calibration/<version>.json``) is the only mutable part and changes exactly
+once: from ``candidate`` to ``approved`` or ``rejected``. A decided version is never
+modified again; a new build with other content is a new version.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from calibration.ingest import CalibrationError
+from edgeq.store import ArtifactRef, ArtifactStore, sha256_json
+
+Status = Literal["candidate", "approved", "rejected"]
+_PREFIX = "calibration"
+
+
+class VersionNotFound(CalibrationError):
+    """No calibration version with that id in the store."""
+
+
+class NotApproved(CalibrationError):
+    """The version exists but is not approved (candidate or rejected)."""
+
+
+class Decision(BaseModel):
+    status: Literal["approved", "rejected"]
+    reviewer: str
+    comment: str = ""
+    decided_at: str
+    via: str = Field("", description="where the decision came from: the paused flow run, or the CLI")
+
+
+class Review(BaseModel):
+    flow_run_id: str | None = None
+    paused_at: str | None = None
+    timeout_s: int | None = None
+    poll_interval_s: int | None = None
+    timed_out_at: str | None = None
+
+
+class CalibrationVersion(BaseModel):
+    version: str
+    status: Status = "candidate"
+    created_at: str
+    model: str
+    input_name: str
+    sample_shape: list[int]
+    size: int
+    source: dict[str, Any]
+    preprocess: dict[str, Any]
+    strata: list[str]
+    target_size: int
+    min_size: int
+    override_reason: str | None = None
+    notes: list[str] = Field(default_factory=list)
+    pool_rows: int
+    usable: int
+    excluded: dict[str, int]
+    coverage: str
+    artifacts: dict[str, ArtifactRef]
+    review: Review = Review()
+    decision: Decision | None = None
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def version_id(sample_hashes: list[str], preprocess: dict[str, Any], source: dict[str, Any]) -> str:
+    """Derived from content: the ordered sample hashes, the preprocessing and the source."""
+    return "cal-" + sha256_json({"samples": sample_hashes, "preprocess": preprocess, "source": source})[:16]
+
+
+def _path(version: str) -> str:
+    if not version.replace("-", "").isalnum():
+        raise VersionNotFound(f"{version!r} is not a calibration version id (like cal-1a2b3c4d5e6f7a8b)")
+    return f"{_PREFIX}/{version}.json"
+
+
+def load_version(store: ArtifactStore, version: str) -> CalibrationVersion:
+    rec = store.read_record(_path(version))
+    if rec is None:
+        known = [v.version for v in list_versions(store)]
+        raise VersionNotFound(
+            f"calibration version {version!r} not found in store {store.root}"
+            + (f"; known: {', '.join(known[-5:])}" if known else "; it holds none (run `edgeq calibrate CONFIG`)")
+        )
+    return CalibrationVersion.model_validate(rec)
+
+
+def list_versions(store: ArtifactStore) -> list[CalibrationVersion]:
+    out = []
+    for rel in store.list_records(_PREFIX):
+        if rel.endswith(".json"):
+            out.append(CalibrationVersion.model_validate(store.read_record(rel)))
+    return sorted(out, key=lambda v: v.created_at)
+
+
+def write_candidate(store: ArtifactStore, version: CalibrationVersion) -> tuple[CalibrationVersion, bool]:
+    """Write a new candidate record; an existing version with that id (same content) is returned unchanged.
+
+    Returns:
+        (the record, whether it is new).
+    """
+    existing = store.read_record(_path(version.version))
+    if existing is not None:
+        return CalibrationVersion.model_validate(existing), False
+    store.write_record(_path(version.version), version.model_dump(mode="json"))
+    return version, True
+
+
+def set_review(store: ArtifactStore, version: str, review: Review) -> CalibrationVersion:
+    """Note where the version waits for review (the paused flow run); only a candidate's review changes."""
+    v = load_version(store, version)
+    if v.status != "candidate":
+        return v
+    v = v.model_copy(update={"review": review})
+    store.write_record(_path(version), v.model_dump(mode="json"))
+    return v
+
+
+def record_decision(store: ArtifactStore, version: str, approve: bool, reviewer: str, comment: str = "",
+                    via: str = "") -> CalibrationVersion:
+    """Write the review decision atomically; a decided version refuses any other decision.
+
+    Giving the same decision twice (the CLI and the resumed flow both writing it) returns the record as is.
+    """
+    if not reviewer.strip():
+        raise CalibrationError("a review needs a reviewer name (--reviewer NAME)")
+    v = load_version(store, version)
+    status = "approved" if approve else "rejected"
+    if v.decision is not None:
+        d = v.decision
+        if d.status == status and d.reviewer == reviewer and d.comment == comment:
+            return v
+        raise CalibrationError(
+            f"calibration version {version} was already {d.status} by {d.reviewer} at {d.decided_at}; "
+            f"a decision is final: build a new version (`edgeq calibrate CONFIG`) instead of "
+            f"{'approving' if approve else 'rejecting'} this one"
+        )
+    decision = Decision(status=status, reviewer=reviewer, comment=comment, decided_at=now(), via=via)
+    v = v.model_copy(update={"status": status, "decision": decision})
+    store.write_record(_path(version), v.model_dump(mode="json"))
+    return v
+
+
+def get_approved(store: ArtifactStore, version: str = "latest", model: str | None = None) -> CalibrationVersion:
+    """An approved version by id, or the latest approved one (for `model` when given).
+
+    Raises:
+        NotApproved: the version is a candidate or was rejected.
+        VersionNotFound: no such version, or no approved version for the model.
+    """
+    if version == "latest":
+        approved = [v for v in list_versions(store) if v.status == "approved" and (model is None or v.model == model)]
+        if not approved:
+            raise VersionNotFound(
+                f"no approved calibration version{f' for model {model!r}' if model else ''} in store {store.root}; "
+                f"build one (`edgeq calibrate CONFIG`) and approve it (`edgeq calibration review VERSION --approve`)"
+            )
+        return max(approved, key=lambda v: v.decision.decided_at)
+    v = load_version(store, version)
+    if v.status != "approved":
+        why = (f"was rejected by {v.decision.reviewer} at {v.decision.decided_at}" if v.status == "rejected"
+               else "is a candidate awaiting review")
+        raise NotApproved(
+            f"calibration version {version} {why}; quantization uses approved versions only "
+            f"(`edgeq calibration review {version} --approve --reviewer NAME`)"
+        )
+    if model is not None and v.model != model:
+        raise NotApproved(f"calibration version {version} was built for model {v.model!r}, not {model!r}")
+    return v

@@ -1,0 +1,116 @@
+"""Flow: build a calibration set from production captures, then pause for a human review."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from prefect import flow, get_run_logger, pause_flow_run
+from prefect.context import FlowRunContext
+from prefect.exceptions import FlowPauseTimeout
+from prefect.input import RunInput
+from pydantic import BaseModel, Field
+
+from calibration.versions import CalibrationVersion, Review, load_version, record_decision, set_review
+from calibration.versions import now as utc_now
+from edgeq.config import load_prepared
+from edgeq.store import ArtifactStore
+from tasks.calibration import (
+    augmentation_task,
+    candidate_task,
+    capture_spec,
+    dedupe_task,
+    ingest_task,
+    leakage_task,
+    sample_task,
+)
+
+
+class CalibrationParams(BaseModel):
+    config: str = Field("digits-demo.yaml", description="path of the edgeq YAML config")
+    target_size: int | None = Field(None, ge=1, description="samples to select (default: data.captures.target_size)")
+    min_size: int | None = Field(None, ge=1, description="minimum usable samples (default: data.captures.min_size)")
+    override_reason: str | None = Field(
+        None, description="accept fewer usable samples than the minimum, for this reason (recorded in the version)")
+    wait_for_review: bool = Field(True, description="pause for a review after building the candidate")
+    review_timeout_s: int = Field(3600, ge=1, description="seconds to wait for a review; then the version stays candidate")
+    poll_interval_s: int = Field(5, ge=1, le=60, description="seconds between checks for the review")
+
+
+class ReviewInput(RunInput):
+    """The review form shown in the Prefect UI (and filled by `edgeq calibration review`)."""
+
+    decision: Literal["approve", "reject"] = Field(description="approve: quantization may use this set")
+    reviewer: str = Field(min_length=1, description="your name")
+    comment: str = Field("", description="why; what you checked")
+
+
+class CalibrationResult(BaseModel):
+    version: str
+    status: str
+    size: int
+    coverage: str
+    record: CalibrationVersion
+    message: str
+
+
+def _result(v: CalibrationVersion, message: str) -> CalibrationResult:
+    return CalibrationResult(version=v.version, status=v.status, size=v.size, coverage=v.coverage, record=v,
+                             message=message)
+
+
+def _step(store: ArtifactStore, step, *args):
+    """A cached step, re-run when its cached output has gone from the store."""
+    state = step(*args)
+    if not (store.exists(state.table) and store.exists(state.pixels)):
+        state = step.with_options(refresh_cache=True)(*args)
+    return state
+
+
+def emit_calibration_approved(v: CalibrationVersion, config: str) -> None:
+    """Prefect event `edgeq.calibration.approved`; the `convert-model` deployment's trigger converts on it."""
+    from prefect.events import emit_event
+
+    emit_event(event="edgeq.calibration.approved",
+               resource={"prefect.resource.id": f"edgeq.calibration.{v.version}", "prefect.resource.name": v.model},
+               payload={"version": v.version, "model": v.model, "config": config,
+                        "reviewer": v.decision.reviewer if v.decision else None})
+
+
+@flow(name="build-calibration-set", log_prints=True)
+def build_calibration_set(params: CalibrationParams = CalibrationParams()) -> CalibrationResult:
+    logger = get_run_logger()
+    cfg = load_prepared(params.config)
+    capture_spec(cfg)
+    store = ArtifactStore(cfg.store_url)
+    state = _step(store, ingest_task, cfg)
+    state = _step(store, dedupe_task, cfg, state)
+    state = _step(store, leakage_task, cfg, state)
+    state = _step(store, augmentation_task, cfg, state)
+    selection = sample_task(cfg, state, params.target_size, params.min_size, params.override_reason)
+    candidate = candidate_task(cfg, state, selection)
+    v = candidate.version
+    if v.status != "candidate":
+        return _result(v, f"{v.version} has the same content as a version already {v.status} "
+                          f"by {v.decision.reviewer}; nothing to review (build from other captures for a new one)")
+    if not params.wait_for_review:
+        return _result(v, f"candidate {v.version} built; review it with `edgeq calibration review {v.version}`")
+
+    run_id = str(FlowRunContext.get().flow_run.id)
+    set_review(store, v.version, Review(flow_run_id=run_id, paused_at=utc_now(), timeout_s=params.review_timeout_s,
+                                        poll_interval_s=params.poll_interval_s))
+    logger.info("calibration set %s waits for review: approve or reject it in the UI (Resume), or run "
+                "`edgeq calibration review %s --approve|--reject --reviewer NAME`", v.version, v.version)
+    try:
+        answer = pause_flow_run(
+            wait_for_input=ReviewInput.with_initial_data(description=candidate.markdown),
+            timeout=params.review_timeout_s, poll_interval=params.poll_interval_s, key=f"review-{v.version}")
+    except FlowPauseTimeout:
+        v = set_review(store, v.version, Review(timed_out_at=utc_now()))
+        return _result(v, f"no review within {params.review_timeout_s}s: {v.version} stays candidate "
+                          f"(`edgeq calibration review {v.version} ...` can still decide it)")
+    v = record_decision(store, v.version, answer.decision == "approve", answer.reviewer, answer.comment,
+                        via=f"flow run {run_id}")
+    v = load_version(store, v.version)
+    if v.status == "approved":
+        emit_calibration_approved(v, params.config)
+    return _result(v, f"{v.version} {v.status} by {v.decision.reviewer} at {v.decision.decided_at}")

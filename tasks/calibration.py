@@ -1,0 +1,325 @@
+"""The calibration-set steps as Prefect tasks, over plain functions that tests call directly.
+
+Each step reads its input table/pixels from the store and writes its output there, passing
+only `PoolState` (artifact references) between tasks; cache keys are the inputs' sha256.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic import BaseModel
+
+from calibration.ingest import (
+    CalibrationError,
+    array_to_npy,
+    ingest_captures,
+    open_npy,
+    read_parquet_bytes,
+    table_to_parquet,
+)
+from calibration.report import CoverageReport, coverage_markdown, coverage_report, histogram_png
+from calibration.select import (
+    dedupe,
+    exclude_leakage,
+    read_manifest_hashes,
+    reject_augmented,
+    stratified_sample,
+    usable,
+)
+from calibration.versions import CalibrationVersion, version_id, write_candidate
+from calibration.versions import now as utc_now
+from edgeq.data import load_raw, pixel_hash, preprocess
+from edgeq.errors import SpecError
+from edgeq.orchestration import content_key, retry_transient
+from edgeq.specs import CaptureSpec, EdgeqConfig
+from edgeq.store import ArtifactRef, ArtifactStore, sha256_file, sha256_json
+
+
+class PoolState(BaseModel):
+    """The capture pool after a step: the table (with exclusion reasons) and the usable pixels."""
+
+    table: ArtifactRef
+    pixels: ArtifactRef
+    usable: int
+    excluded: dict[str, int]
+
+
+class Selection(BaseModel):
+    rows: list[int]
+    target_size: int
+    min_size: int
+    override_reason: str | None = None
+    notes: list[str]
+
+
+class Candidate(BaseModel):
+    version: CalibrationVersion
+    markdown: str
+    report: CoverageReport
+    new: bool
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+def capture_spec(cfg: EdgeqConfig) -> CaptureSpec:
+    if cfg.data.captures is None:
+        raise SpecError("the config has no data.captures (path, metadata, strata): nothing to calibrate from")
+    return cfg.data.captures
+
+
+def captures_fingerprint(spec: CaptureSpec) -> str:
+    """Content hash of the captures and their metadata (what the version's id calls its source)."""
+    meta = sha256_file(spec.metadata) if spec.metadata.is_file() else f"missing:{spec.metadata}"
+    if spec.path.is_dir():
+        files = sorted(p for p in spec.path.rglob("*") if p.is_file())
+        data: Any = [(str(p.relative_to(spec.path)), sha256_file(p)) for p in files]
+    else:
+        data = sha256_file(spec.path) if spec.path.is_file() else f"missing:{spec.path}"
+    return sha256_json({"metadata": meta, "data": data})
+
+
+def _state(store: ArtifactStore, table: pd.DataFrame, pixels_ref: ArtifactRef) -> PoolState:
+    ref = store.put_bytes(table_to_parquet(table), "pool.parquet")
+    ex = table.loc[table["excluded"] != "", "excluded"].value_counts().to_dict()
+    return PoolState(table=ref, pixels=pixels_ref, usable=int(usable(table).sum()),
+                     excluded={str(k): int(v) for k, v in ex.items()})
+
+
+def load_state(store: ArtifactStore, state: PoolState) -> tuple[pd.DataFrame, np.ndarray]:
+    return read_parquet_bytes(store.read_bytes(state.table)), open_npy(store.local_path(state.pixels))
+
+
+@contextmanager
+def rich_progress(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar on a terminal; nothing elsewhere (logs, tests)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield lambda done, total: None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=False) as bar:
+        tid = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(tid, completed=done, total=total)
+
+
+def _train_raw(cfg: EdgeqConfig) -> np.ndarray | None:
+    return None if cfg.data.train is None else load_raw(cfg.data.train)[0]
+
+
+def _split_hashes(cfg: EdgeqConfig, which: str) -> set[str]:
+    """Hashes of a split: its manifest, plus the split's own samples when the config names it."""
+    manifest = getattr(cfg.data, f"{which}_manifest")
+    hashes = read_manifest_hashes(manifest) if manifest is not None else set()
+    src = getattr(cfg.data, which)
+    if src is not None:
+        hashes |= {pixel_hash(x) for x in load_raw(src)[0]}
+    return hashes
+
+
+# -- steps as plain functions --------------------------------------------------------------------------
+
+def ingest_to_store(cfg: EdgeqConfig, store: ArtifactStore, progress=None) -> PoolState:
+    """Step 1: read and hash every capture; unreadable and non-finite ones are listed and skipped."""
+    table, pixels = ingest_captures(capture_spec(cfg), progress)
+    if len(pixels) == 0:
+        raise CalibrationError(
+            f"none of the {len(table)} captures in {capture_spec(cfg).metadata} is usable: "
+            + "; ".join(f"{r.capture_id}: {r.detail}" for r in table.head(3).itertuples())
+        )
+    return _state(store, table, store.put_bytes(array_to_npy(pixels), "pixels.npy"))
+
+
+def dedupe_in_store(store: ArtifactStore, state: PoolState) -> PoolState:
+    """Step 2: exact and near duplicates."""
+    table, pixels = load_state(store, state)
+    return _state(store, dedupe(table, pixels), state.pixels)
+
+
+def exclude_leakage_in_store(cfg: EdgeqConfig, store: ArtifactStore, state: PoolState) -> PoolState:
+    """Step 3: anything in the training or the test set; a pool left empty by it is an error."""
+    table, _ = load_state(store, state)
+    out = exclude_leakage(table, _split_hashes(cfg, "train"), _split_hashes(cfg, "test"))
+    before, after = int(usable(table).sum()), int(usable(out).sum())
+    if before and not after:
+        n_train = int((out["excluded"] == "in-train").sum())
+        n_test = int((out["excluded"] == "in-test").sum())
+        raise CalibrationError(
+            f"all {before} usable captures in {capture_spec(cfg).metadata} are already in the training set "
+            f"({n_train}) or the test set ({n_test}) by pixel hash; calibrate on production captures the model "
+            f"was not trained or tested on"
+        )
+    return _state(store, out, state.pixels)
+
+
+def reject_augmented_in_store(cfg: EdgeqConfig, store: ArtifactStore, state: PoolState) -> PoolState:
+    """Step 4: rows flagged augmented, and flips/crops/jitters of training images."""
+    table, pixels = load_state(store, state)
+    return _state(store, reject_augmented(table, pixels, _train_raw(cfg)), state.pixels)
+
+
+def select_sample(cfg: EdgeqConfig, store: ArtifactStore, state: PoolState, target_size: int | None = None,
+                  min_size: int | None = None, override_reason: str | None = None) -> Selection:
+    """Step 5: stratified sample; fewer than `min_size` usable captures fail unless overridden with a reason."""
+    spec = capture_spec(cfg)
+    target = target_size or spec.target_size
+    minimum = min_size or spec.min_size
+    reason = (override_reason if override_reason is not None else spec.min_size_override) or None
+    table, _ = load_state(store, state)
+    n = int(usable(table).sum())
+    excluded = ", ".join(f"{v} {k}" for k, v in sorted(state.excluded.items())) or "none"
+    if n == 0:
+        raise CalibrationError(f"no usable captures left of {len(table)} (excluded: {excluded})")
+    if n < minimum and not (reason and reason.strip()):
+        raise CalibrationError(
+            f"only {n} usable captures (pool {len(table)}; excluded: {excluded}), below the minimum of {minimum}; "
+            f"add captures, or accept {n} with a reason: data.captures.min_size_override or --override-reason TEXT"
+        )
+    rows = stratified_sample(table, spec.strata, target, spec.seed)
+    notes = []
+    if n <= target:
+        notes.append(f"pool smaller than the target: using all {n} usable captures (target {target})")
+    if n < minimum:
+        notes.append(f"{n} samples, below the minimum {minimum}: accepted by override ({reason.strip()})")
+    return Selection(rows=[int(r) for r in rows], target_size=target, min_size=minimum,
+                     override_reason=reason.strip() if n < minimum else None, notes=notes)
+
+
+def build_candidate(cfg: EdgeqConfig, store: ArtifactStore, state: PoolState, selection: Selection) -> Candidate:
+    """Steps 6-7: coverage report, then the immutable candidate version (record written last)."""
+    spec = capture_spec(cfg)
+    table, pixels = load_state(store, state)
+    rows = np.asarray(selection.rows, dtype=int)
+    raw = np.asarray(pixels[table["pixel_index"].to_numpy()[rows]])
+    x = preprocess(raw, cfg.data.preprocess)
+    if not np.isfinite(x).all():
+        raise CalibrationError("preprocessing (data.preprocess) turns selected captures into NaN/Inf; check std/scale")
+    inp = cfg.model.inputs[0]
+    want = [d for d in inp.shape[1:]]
+    if len(want) != x.ndim - 1 or any(isinstance(w, int) and w != g for w, g in zip(want, x.shape[1:])):
+        raise CalibrationError(
+            f"captures are {list(x.shape[1:])} per sample but model input {inp.name!r} expects {inp.shape[1:]} "
+            f"(after the batch axis); resize the captures or fix model.inputs"
+        )
+    train_raw = _train_raw(cfg)
+    train_x = preprocess(train_raw, cfg.data.preprocess) if train_raw is not None else None
+    notes = list(selection.notes)
+    if cfg.data.train is None:
+        notes.append("no training split in the config: flips/crops/jitters of training images were not checked")
+    if cfg.data.train is None and cfg.data.train_manifest is None:
+        notes.append("no training manifest or split: training-set leakage was not checked")
+    report = coverage_report(table, rows, spec.strata, selection.target_size, selection.min_size, x, train_x,
+                             spec.expected_strata, notes)
+
+    manifest = table.iloc[rows].drop(columns=["pixel_index", "excluded", "detail", "augmented_flag"])
+    manifest.insert(0, "sample", np.arange(len(rows)))
+    pp = cfg.data.preprocess.model_dump(mode="json")
+    source = {"captures": captures_fingerprint(spec), "model": cfg.model.name, "strata": spec.strata}
+    vid = version_id(manifest["sha256"].tolist(), pp, source)
+    png = histogram_png(x, train_x)
+    artifacts = {
+        "samples": store.put_bytes(array_to_npy(x), "samples.npy"),
+        "manifest": store.put_bytes(table_to_parquet(manifest.reset_index(drop=True)), "manifest.parquet"),
+        "pool_table": state.table,
+        "histogram": store.put_bytes(png, "histogram.png"),
+    }
+    excluded_rows = table[table["excluded"] != ""]
+    md = coverage_markdown(report, vid, excluded_rows, artifacts["histogram"].uri)
+    artifacts["report"] = store.put_bytes(md.encode(), "report.md")
+    version = CalibrationVersion(
+        version=vid, created_at=utc_now(), model=cfg.model.name, input_name=inp.name,
+        sample_shape=list(x.shape[1:]), size=len(rows),
+        source={**source, "captures_path": str(spec.path), "metadata_path": str(spec.metadata)},
+        preprocess=pp, strata=spec.strata, target_size=selection.target_size, min_size=selection.min_size,
+        override_reason=selection.override_reason, notes=notes, pool_rows=report.pool_rows, usable=report.usable,
+        excluded=report.excluded, coverage=report.summary(), artifacts=artifacts)
+    written, new = write_candidate(store, version)
+    return Candidate(version=written, markdown=md, report=report, new=new)
+
+
+def publish_report(candidate: Candidate) -> None:
+    """The coverage report as markdown and table artifacts in the Prefect UI."""
+    v = candidate.version
+    create_markdown_artifact(markdown=candidate.markdown, key="calibration-report",
+                             description=f"calibration set {v.version} ({v.status})")
+    create_table_artifact(table=[r.model_dump() for r in candidate.report.rows] or [{"strata": "none"}],
+                          key="calibration-strata", description=f"strata coverage of {v.version}: pool vs selection")
+
+
+# -- Prefect tasks -----------------------------------------------------------------------------------
+
+def _key(stage: str, cfg: EdgeqConfig, *states: PoolState, **extra: Any) -> str:
+    return content_key(stage, store=cfg.store_url, inputs=[s.table.sha256 + s.pixels.sha256 for s in states],
+                       captures=cfg.data.captures.model_dump(mode="json") if cfg.data.captures else None, **extra)
+
+
+_TASK = dict(persist_result=True, retries=2, retry_delay_seconds=2, retry_condition_fn=retry_transient)
+
+
+@task(name="calibration-ingest",
+      cache_key_fn=lambda ctx, p: _key("calibration-ingest", p["cfg"], source=captures_fingerprint(capture_spec(p["cfg"]))),
+      **_TASK)
+def ingest_task(cfg: EdgeqConfig) -> PoolState:
+    with rich_progress("ingest + hash captures") as progress:
+        return ingest_to_store(cfg, ArtifactStore(cfg.store_url), progress)
+
+
+@task(name="calibration-dedupe", cache_key_fn=lambda ctx, p: _key("calibration-dedupe", p["cfg"], p["state"]), **_TASK)
+def dedupe_task(cfg: EdgeqConfig, state: PoolState) -> PoolState:
+    return dedupe_in_store(ArtifactStore(cfg.store_url), state)
+
+
+def _split_key(cfg: EdgeqConfig) -> Any:
+    from edgeq.orchestration import split_fingerprint
+
+    files = [cfg.data.train_manifest, cfg.data.test_manifest]
+    return [split_fingerprint(cfg.data.train), split_fingerprint(cfg.data.test),
+            [sha256_file(f) if f is not None and Path(f).is_file() else str(f) for f in files]]
+
+
+@task(name="calibration-exclude-leakage",
+      cache_key_fn=lambda ctx, p: _key("calibration-leakage", p["cfg"], p["state"], splits=_split_key(p["cfg"])),
+      **_TASK)
+def leakage_task(cfg: EdgeqConfig, state: PoolState) -> PoolState:
+    return exclude_leakage_in_store(cfg, ArtifactStore(cfg.store_url), state)
+
+
+@task(name="calibration-reject-augmented",
+      cache_key_fn=lambda ctx, p: _key("calibration-augmented", p["cfg"], p["state"], splits=_split_key(p["cfg"])),
+      **_TASK)
+def augmentation_task(cfg: EdgeqConfig, state: PoolState) -> PoolState:
+    return reject_augmented_in_store(cfg, ArtifactStore(cfg.store_url), state)
+
+
+@task(name="calibration-stratified-sample", **_TASK)
+def sample_task(cfg: EdgeqConfig, state: PoolState, target_size: int | None, min_size: int | None,
+                override_reason: str | None) -> Selection:
+    return select_sample(cfg, ArtifactStore(cfg.store_url), state, target_size, min_size, override_reason)
+
+
+@task(name="calibration-candidate-version", **_TASK)
+def candidate_task(cfg: EdgeqConfig, state: PoolState, selection: Selection) -> Candidate:
+    candidate = build_candidate(cfg, ArtifactStore(cfg.store_url), state, selection)
+    publish_report(candidate)
+    return candidate
+
+
+def build_calibration_candidate(cfg: EdgeqConfig, target_size: int | None = None, min_size: int | None = None,
+                                override_reason: str | None = None) -> Candidate:
+    """All steps up to the candidate version, without Prefect (tests, scripts)."""
+    store = ArtifactStore(cfg.store_url)
+    state = ingest_to_store(cfg, store)
+    state = dedupe_in_store(store, state)
+    state = exclude_leakage_in_store(cfg, store, state)
+    state = reject_augmented_in_store(cfg, store, state)
+    selection = select_sample(cfg, store, state, target_size, min_size, override_reason)
+    return build_candidate(cfg, store, state, selection)

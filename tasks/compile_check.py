@@ -1,0 +1,150 @@
+"""The compile-check stage: one cached task per target, a matrix artifact, and the gate before quantizing."""
+
+from __future__ import annotations
+
+import tempfile
+
+import pandas as pd
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic import BaseModel, Field
+
+from backends import get_backend
+from backends.base import CompileReport
+from backends.declared import profile_fingerprint
+from edgeq.errors import EdgeqError, GateError
+from edgeq.orchestration import content_key, retry_transient
+from edgeq.specs import TargetSpec
+from edgeq.store import ArtifactRef, ArtifactStore
+
+MATRIX_COLUMNS = ["target", "backend", "status", "unsupported ops", "control flow", "opset", "precision", "layout",
+                  "batch", "compile s", "latency median ms", "latency p90 ms", "threads", "required", "reason"]
+
+
+class BenchSettings(BaseModel):
+    warmup: int = Field(10, ge=0, le=1000, description="untimed batch-1 runs before timing")
+    iters: int = Field(100, ge=1, le=100_000, description="timed batch-1 runs (median and p90)")
+
+
+class CompileMatrix(BaseModel):
+    """Every target's compile report for one ONNX file."""
+
+    model: str
+    onnx_sha256: str
+    reports: list[CompileReport]
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame([r.row() for r in self.reports], columns=MATRIX_COLUMNS)
+
+    @property
+    def failed_required(self) -> list[CompileReport]:
+        return [r for r in self.reports if r.required and not r.ok]
+
+
+class CompileCheckFailed(GateError):
+    """A required target cannot compile the model: the pipeline stops before quantization."""
+
+    def __init__(self, message: str, matrix: CompileMatrix | None = None):
+        super().__init__(message)
+        self.matrix = matrix
+
+    def __reduce__(self):  # keep the matrix when Prefect persists the failed state
+        return (type(self), (str(self), self.matrix))
+
+
+def _toolchain(backend_name: str) -> str:
+    try:
+        return get_backend(backend_name).version()
+    except Exception as exc:  # noqa: BLE001 - an unavailable toolchain is part of the key too
+        return f"unavailable: {type(exc).__name__}"
+
+
+def compile_check_key(onnx: ArtifactRef, target: TargetSpec, bench: BenchSettings, store_url: str) -> str:
+    """ONNX content + target spec + profile content + toolchain version + pipeline version."""
+    return content_key("compile-check", onnx=onnx.sha256, target=target.model_dump(mode="json"),
+                       profile=profile_fingerprint(target), toolchain=_toolchain(target.backend),
+                       bench=bench.model_dump(), store=store_url)
+
+
+def check_target(onnx: ArtifactRef, target: TargetSpec, store_url: str,
+                 bench: BenchSettings = BenchSettings()) -> CompileReport:
+    """Compile-check one target; the prepared forms (IR, optimized ONNX) go to the store.
+
+    An unknown backend name is a failed row naming the known ones (a bad target must not hide the others).
+    """
+    store = ArtifactStore(store_url)
+    path = store.local_path(onnx)
+    try:
+        backend = get_backend(target.backend)
+    except EdgeqError as exc:
+        return CompileReport(target=target.name, backend=target.backend, device=target.device, required=target.required,
+                             status="failed", reason=f"target {target.name!r}: {exc}", precision_asked=target.precision,
+                             layout=target.layout, batch=target.batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = backend.check_compiles(path, target, tmp, warmup=bench.warmup, iters=bench.iters)
+        prepared = report.prepared
+        if report.status == "compiled" and prepared is not None:
+            meta = {"stage": "compile-check", "target": target.name, "backend": backend.name,
+                    "onnx_sha256": onnx.sha256, "precision": report.precision, "layout": prepared.layout,
+                    "batch": prepared.batch, "toolchain": report.toolchain}
+            for role, file in prepared.files.items():
+                if file.is_file():
+                    report.artifacts[role] = store.put_file(file, meta={**meta, "role": role}).model_dump()
+    return report
+
+
+def gate_required_targets(matrix: CompileMatrix) -> None:
+    """Raise CompileCheckFailed naming each required target that did not compile (and why)."""
+    bad = matrix.failed_required
+    if bad:
+        lines = [f"- {r.target} ({r.backend}, {r.status}): {r.reason}" for r in bad]
+        raise CompileCheckFailed(
+            f"{len(bad)} required target(s) cannot take model {matrix.model} (onnx {matrix.onnx_sha256[:12]}…); "
+            "the pipeline stops before quantization. Fix the model or the target, or mark the target "
+            "`required: false`:\n" + "\n".join(lines), matrix)
+
+
+def matrix_markdown(matrix: CompileMatrix) -> str:
+    lines = [f"# Compile check of `{matrix.model}` (onnx `{matrix.onnx_sha256[:12]}…`)", ""]
+    bad = matrix.failed_required
+    lines.append(f"**{len(bad)} required target(s) failed**: the pipeline stops before quantization." if bad
+                 else "Every required target compiles (or passes its declared profile).")
+    lines += ["", "`declared-ok` is a static check against a target profile, not a compile.", ""]
+    lines += _markdown_table(matrix.table().drop(columns=["reason"]))
+    reasons = [r for r in matrix.reports if r.reason or r.warnings]
+    if reasons:
+        lines += ["", "## Reasons and warnings", ""]
+        for r in reasons:
+            lines += [f"- **{r.target}** ({r.status}): {r.reason}"] + [f"  - warning: {w}" for w in r.warnings]
+    return "\n".join(lines)
+
+
+def _markdown_table(df: pd.DataFrame) -> list[str]:
+    def cell(v) -> str:
+        return "-" if v is None or (isinstance(v, float) and pd.isna(v)) else str(v).replace("|", "\\|")
+
+    return (["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+            + ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)])
+
+
+def publish_matrix(matrix: CompileMatrix) -> None:
+    """Table + markdown artifacts in the Prefect UI."""
+    table = matrix.table().astype(object).where(matrix.table().notna(), None)
+    create_table_artifact(table=table.to_dict(orient="records"), key="compile-matrix",
+                          description=f"compile check of {matrix.model}: target x backend x status x latency")
+    create_markdown_artifact(markdown=matrix_markdown(matrix), key="compile-check-report",
+                             description=f"compile check of {matrix.model}")
+
+
+@task(
+    name="compile-check",
+    task_run_name="compile-check-{target.name}",
+    cache_key_fn=lambda ctx, params: compile_check_key(params["onnx"], params["target"], params["bench"],
+                                                       params["store_url"]),
+    persist_result=True,
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_transient,
+)
+def compile_check_task(onnx: ArtifactRef, target: TargetSpec, store_url: str, bench: BenchSettings) -> CompileReport:
+    return check_target(onnx, target, store_url, bench)

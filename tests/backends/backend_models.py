@@ -1,0 +1,42 @@
+"""Tiny ONNX models built with onnx.helper, for the backend tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+
+def custom_op_model(path: Path, domain: str = "com.acme", op_type: str = "MyCustomOp") -> Path:
+    """x -> Relu -> <custom op> -> y; the custom node is named 'custom0'."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    nodes = [helper.make_node("Relu", ["x"], ["t"], name="relu0"),
+             helper.make_node(op_type, ["t"], ["y"], name="custom0", domain=domain)]
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    model = helper.make_model(helper.make_graph(nodes, "custom", [x], [y]), opset_imports=opsets)
+    onnx.save(model, str(path))
+    return path
+
+
+def standard_model(path: Path, op_type: str = "Relu", opset: int = 17, batch: int | str = "batch") -> Path:
+    """x[batch, 4] -> <one standard op> -> y, named 'op0'."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])
+    model = helper.make_model(helper.make_graph([helper.make_node(op_type, ["x"], ["y"], name="op0")], "std", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_samples(demo_cfg) -> np.ndarray:
+    """Eight real preprocessed test images, shape [8, 1, 8, 8] (import this fixture into a test module)."""
+    from edgeq.data import load_split
+
+    x, _ = load_split(demo_cfg.data.test, demo_cfg.data.preprocess)
+    return x[:8].astype(np.float32)

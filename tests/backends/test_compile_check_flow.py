@@ -1,0 +1,83 @@
+"""The compile-check stage through Prefect (a real test server) and the `edgeq check` CLI."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import yaml
+from conftest import write_config
+from typer.testing import CliRunner
+
+from tasks.compile_check import CompileCheckFailed
+
+
+def _artifact(key: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def read():
+        async with get_client() as client:
+            arts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            return sorted(arts, key=lambda a: a.created)
+
+    return asyncio.run(read())
+
+
+@pytest.fixture(scope="module")
+def flow_config(tmp_path_factory, demo_root):
+    return write_config(tmp_path_factory.mktemp("compile-check"), demo_root)
+
+
+def test_flow_builds_the_matrix_artifact_and_caches(prefect_server, flow_config):
+    from flows.compile_check import CompileCheckParams, compile_check
+
+    params = CompileCheckParams(config=str(flow_config), warmup=2, iters=20)
+    first = compile_check(params)
+    by_target = {r.target: r for r in first.reports}
+    assert by_target["ort-cpu"].status == "compiled" and by_target["openvino-cpu"].status == "compiled"
+    assert by_target["openvino-cpu"].precision == "f32" and by_target["ort-cpu"].latency.median_ms > 0
+    assert by_target["tensorrt-gpu"].status in ("unavailable", "compiled")
+    assert by_target["hailo8-declared"].status == "declared-ok"
+    # the OpenVINO IR and the optimized ONNX went to the store
+    assert {"ir_xml", "ir_bin"} <= set(by_target["openvino-cpu"].artifacts)
+
+    table = _artifact("compile-matrix")[-1]
+    rows = table.data if isinstance(table.data, list) else yaml.safe_load(table.data)
+    assert {r["target"]: r["status"] for r in rows}["openvino-cpu"] == "compiled"
+    assert {"latency median ms", "latency p90 ms", "precision", "layout", "unsupported ops"} <= set(rows[0])
+
+    second = compile_check(params)  # same ONNX sha256 + targets + toolchain: every task is a cache hit
+    assert [r.model_dump() for r in second.reports] == [r.model_dump() for r in first.reports]
+
+
+def test_required_target_failure_stops_the_flow_and_the_cli(prefect_server, tmp_path, demo_root):
+    from edgeq.cli import app
+    from flows.compile_check import CompileCheckParams, compile_check
+
+    profile = tmp_path / "no-gemm.yaml"
+    profile.write_text(yaml.safe_dump({"name": "no-gemm-npu", "max_opset": 17, "ops": [
+        "Conv", "Clip", "Constant", "Identity", "GlobalAveragePool", "Flatten"]}))
+    targets = [{"name": "ort-cpu", "backend": "onnxruntime"},
+               {"name": "npu", "backend": "declared", "profile": str(profile), "max_opset": 17, "required": True}]
+    cfg = write_config(tmp_path / "cfg", demo_root, targets=targets)
+
+    state = compile_check(CompileCheckParams(config=str(cfg), warmup=1, iters=5), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(CompileCheckFailed, match=r"(?s)stops before quantization.*npu.*Gemm") as info:
+        state.result()
+    assert [r.target for r in info.value.matrix.failed_required] == ["npu"]
+
+    result = CliRunner().invoke(app, ["check", str(cfg), "--iters", "5", "--warmup", "1"])
+    assert result.exit_code == 1
+    out = " ".join(result.output.split())
+    assert "npu" in out and "Gemm" in out and "compiled" in out  # the matrix is printed before the error
+
+
+def test_cli_check_on_the_demo_exits_zero(prefect_server, flow_config):
+    from edgeq.cli import app
+
+    result = CliRunner().invoke(app, ["check", str(flow_config), "--iters", "5", "--warmup", "1"])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "compiled" in out and "declared-ok" in out and "unavailable" in out and "tensorrt" in out

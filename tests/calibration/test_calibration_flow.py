@@ -1,0 +1,121 @@
+"""The build_calibration_set flow on a real Prefect server: pause, resume with input, timeout."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from conftest import write_config
+
+
+def _start(params):
+    from flows.calibration import build_calibration_set
+
+    out = {}
+    th = threading.Thread(target=lambda: out.setdefault("state", build_calibration_set(params, return_state=True)))
+    th.start()
+    return th, out
+
+
+def _paused_version(cfg, timeout=120):
+    """The version record once its build run is paused for review."""
+    from prefect.client.orchestration import get_client
+
+    from calibration.versions import list_versions
+    from edgeq.store import ArtifactStore
+
+    store = ArtifactStore(cfg.store_url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        vs = list_versions(store)
+        if vs and vs[0].review.flow_run_id:
+            with get_client(sync_client=True) as client:
+                if client.read_flow_run(vs[0].review.flow_run_id).state.is_paused():
+                    return vs[0]
+        time.sleep(0.3)
+    raise AssertionError("the flow never paused for review")
+
+
+@pytest.fixture
+def cfg_path(tmp_path, demo_root):
+    return write_config(tmp_path, demo_root)
+
+
+def _params(cfg_path, **kw):
+    from flows.calibration import CalibrationParams
+
+    return CalibrationParams(config=str(cfg_path), poll_interval_s=1, **kw)
+
+
+@pytest.mark.parametrize("decision", ["approve", "reject"])
+def test_review_through_the_paused_flow(prefect_server, cfg_path, decision):
+    from prefect.flow_runs import resume_flow_run
+
+    from calibration import NotApproved, open_calibration
+    from edgeq.config import load_prepared
+
+    cfg = load_prepared(cfg_path)
+    th, out = _start(_params(cfg_path, review_timeout_s=120))
+    v = _paused_version(cfg)
+    assert v.status == "candidate"
+    resume_flow_run(v.review.flow_run_id, run_input={"decision": decision, "reviewer": "ann", "comment": "checked"})
+    th.join(120)
+    state = out["state"]
+    assert state.is_completed(), state.message
+    result = state.result()
+    status = "approved" if decision == "approve" else "rejected"
+    assert result.status == status and result.version == v.version
+    d = result.record.decision
+    assert (d.status, d.reviewer, d.comment) == (status, "ann", "checked") and d.decided_at
+    assert d.via == f"flow run {v.review.flow_run_id}"
+    if decision == "approve":
+        assert len(open_calibration(cfg.store_url, v.version)) == 400
+    else:
+        with pytest.raises(NotApproved, match="was rejected by ann"):
+            open_calibration(cfg.store_url, v.version)
+
+
+def test_cli_review_resumes_the_paused_run(prefect_server, cfg_path):
+    from typer.testing import CliRunner
+
+    from calibration.versions import load_version
+    from edgeq.cli import app
+    from edgeq.config import load_prepared
+    from edgeq.store import ArtifactStore
+
+    cfg = load_prepared(cfg_path)
+    th, out = _start(_params(cfg_path, review_timeout_s=120))
+    v = _paused_version(cfg)
+    res = CliRunner().invoke(app, ["calibration", "review", v.version, "--approve", "--reviewer", "bob",
+                                   "--comment", "coverage ok", "-c", str(cfg_path)])
+    assert res.exit_code == 0, res.output
+    assert f"resumed paused flow run {v.review.flow_run_id}" in res.output
+    th.join(120)
+    assert out["state"].is_completed()
+    rec = load_version(ArtifactStore(cfg.store_url), v.version)
+    assert rec.status == "approved" and rec.decision.reviewer == "bob" and rec.decision.via.startswith("flow run")
+
+
+def test_review_timeout_leaves_candidate(prefect_server, cfg_path):
+    from calibration.versions import list_versions
+    from edgeq.config import load_prepared
+    from edgeq.store import ArtifactStore
+    from flows.calibration import build_calibration_set
+
+    cfg = load_prepared(cfg_path)
+    state = build_calibration_set(_params(cfg_path, review_timeout_s=2), return_state=True)
+    assert state.is_failed() and "never resumed" in state.message  # Prefect fails a pause that times out
+    [v] = list_versions(ArtifactStore(cfg.store_url))
+    assert v.status == "candidate" and v.decision is None
+    assert v.review.timed_out_at and v.review.flow_run_id is None
+
+
+def test_no_wait_builds_a_candidate_without_pausing(prefect_server, cfg_path):
+    from flows.calibration import build_calibration_set
+
+    state = build_calibration_set(_params(cfg_path, wait_for_review=False), return_state=True)
+    result = state.result()
+    assert result.status == "candidate" and result.size == 400 and result.coverage == "36/36 strata covered"
+    assert "edgeq calibration review" in result.message

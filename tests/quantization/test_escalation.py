@@ -1,0 +1,66 @@
+"""Escalation on a model PTQ cannot serve: PTQ -> PTQ variants -> sensitive layers in FP32 -> QAT."""
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import write_config
+from edgeq.config import load_prepared
+from edgeq.data import load_split
+from edgeq.errors import GateError
+from edgeq.modeling import build_model
+from edgeq.quantization.escalate import run_quantization
+from edgeq.store import ArtifactStore
+from tasks.export import export_to_store
+
+
+def _setup(tmp_path, demo_root, **quant):
+    path = write_config(tmp_path, demo_root)
+    data = yaml.safe_load(path.read_text())
+    # The demo network with one head input scaled 256x (and the head scaled back): same FP32 function,
+    # but per-tensor activation ranges crush the other features in INT8.
+    data["model"]["factory"] = "edgeq_testmodels:outlier_net"
+    data["model"]["kwargs"] = {"width": 16, "num_classes": 10, "outlier": 256.0}
+    data["targets"] = [{"name": "ort-cpu", "backend": "onnxruntime"}]
+    data["quantization"] = {"latency_iters": 10, "qat_epochs": 2, **quant}
+    path.write_text(yaml.safe_dump(data))
+    cfg = load_prepared(path)
+    exported = export_to_store(cfg)
+    fp32 = ArtifactStore(cfg.store_url).local_path(exported.onnx)
+    calib = load_split(cfg.data.train, cfg.data.preprocess)[0][:256]  # stand-in for an approved version
+    val = load_split(cfg.data.validation, cfg.data.preprocess)
+    train = load_split(cfg.data.train, cfg.data.preprocess)
+    return cfg, fp32, calib, val, train, exported.report.opset
+
+
+def test_sensitive_layer_kept_in_fp32_rescues_the_sla(tmp_path, demo_root):
+    cfg, fp32, calib, val, train, opset = _setup(tmp_path, demo_root)
+    rep = run_quantization(cfg, fp32, build_model(cfg.model), calib, "v-test", val, train, tmp_path / "out", opset)
+    kinds = [(a.kind, a.meets_sla) for a in rep.attempts]
+    assert kinds[:4] == [("ptq", False)] * 4, rep.attempts_table()  # minmax, entropy, percentile, nncf
+    chosen = rep.chosen_attempt
+    assert chosen.meets_sla and chosen.settings["keep_fp32_nodes"]
+    assert rep.sensitivity and rep.sensitivity[0].op_type == "Gemm"  # the crushed head input ranks first
+    assert chosen.settings["keep_fp32_nodes"][0] == rep.sensitivity[0].node
+    assert all(a.kind == "ptq" for a in rep.attempts)  # QAT was not needed
+    assert (tmp_path / "out" / "digits-cnn-int8.onnx").is_file()
+
+
+def test_escalation_reaches_qat_and_fails_with_the_table_when_nothing_meets(tmp_path, demo_root):
+    cfg, fp32, calib, val, train, opset = _setup(tmp_path, demo_root, max_sensitive_fp32=0)
+    with pytest.raises(GateError) as err:
+        run_quantization(cfg, fp32, build_model(cfg.model), calib, "v-test", val, train, tmp_path / "out", opset)
+    rep = err.value.report
+    assert [a.kind for a in rep.attempts] == ["ptq", "ptq", "ptq", "ptq", "qat"]
+    assert not any(a.meets_sla for a in rep.attempts)
+    msg = str(err.value)
+    assert "no INT8 attempt met the SLA" in msg and "qat" in msg and "nncf PTQ" in msg
+    assert not (tmp_path / "out").exists()  # nothing to publish
+
+
+def test_qat_requested_without_training_data(tmp_path, demo_root):
+    cfg, fp32, calib, val, train, opset = _setup(tmp_path, demo_root, mode="qat")
+    from edgeq.errors import SpecError
+
+    with pytest.raises(SpecError, match="QAT was requested but the config has no training data: set data.train"):
+        run_quantization(cfg, fp32, build_model(cfg.model), calib, "v-test", val, None, tmp_path / "out", opset)
