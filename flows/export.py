@@ -15,16 +15,15 @@ class ExportParams(BaseModel):
 
 
 def run_export_stage(cfg) -> ExportResult:
-    """The export task, re-run when its cached artifact has gone from the store."""
+    """The export task (re-run when its cached artifact has gone from the store); publishes its report."""
     result = export_task(cfg)
     if not ArtifactStore(cfg.store_url).exists(result.onnx):
         result = export_task.with_options(refresh_cache=True)(cfg)
+    publish_export_report(result.report)
     return result
 
 
 @flow(name="export-model", log_prints=True)
 def export_model(params: ExportParams = ExportParams()) -> ExportResult:
     cfg = load_prepared(params.config)
-    result = run_export_stage(cfg)
-    publish_export_report(result.report)
-    return result
+    return run_export_stage(cfg)
