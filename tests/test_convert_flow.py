@@ -1,0 +1,75 @@
+"""`convert_model` through a real Prefect API: the whole pipeline, cache hits on a re-run, the CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect import flow
+from typer.testing import CliRunner
+
+from conftest import write_config
+from edgeq.cli import app
+
+
+@pytest.fixture(scope="module")
+def convert_config(tmp_path_factory, demo_root):
+    path = write_config(tmp_path_factory.mktemp("convert"), demo_root)
+    data = yaml.safe_load(path.read_text())
+    data["quantization"] = {"latency_iters": 10}
+    data["validation"] = {"latency_iters": 10}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_convert_without_an_approved_calibration_version_says_what_to_do(prefect_server, convert_config):
+    res = CliRunner().invoke(app, ["convert", str(convert_config)])
+    assert res.exit_code == 1
+    assert "no approved calibration version for model 'digits-cnn'" in res.output
+    assert "edgeq calibration review" in res.output
+    assert not (Path(yaml.safe_load(convert_config.read_text())["store"]) / "bundles").exists()
+
+
+def test_demo_command_converts_and_publishes_then_reruns_from_cache(prefect_server, convert_config):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    res = CliRunner().invoke(app, ["demo", str(convert_config)])
+    assert res.exit_code == 0, res.output
+    assert "approved by edgeq-demo" in res.output
+    for stage in ("PyTorch FP32", "ONNX FP32", "ONNX INT8", "device INT8"):
+        assert stage in res.output
+    assert res.output.count("[PASS]") == 3
+    store = Path(yaml.safe_load(convert_config.read_text())["store"])
+    bundles = list((store / "bundles").iterdir())
+    assert len(bundles) == 1
+    manifest = json.loads((bundles[0] / "manifest.json").read_text())
+    assert manifest["calibration"]["reviewer"] == "edgeq-demo"
+    assert f"published {manifest['bundle_id']}" in res.output
+
+    # Nothing changed: every cached stage is a cache hit, and the same bundle comes back.
+    from flows.convert import ConvertParams, convert_model
+
+    state = convert_model(ConvertParams(config=str(convert_config)), return_state=True)
+    assert state.is_completed() and state.result()["bundle_id"] == manifest["bundle_id"]
+
+    async def task_states():
+        async with get_client() as client:
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            return {r.name: r.state.name for r in runs}
+
+    import asyncio
+
+    states = asyncio.run(task_states())
+    stages = {"export", "compile-check-ort-cpu", "compile-check-openvino-cpu", "compile-check-hailo8-declared",
+              "quantize", "validate-four-way"}
+    cached = {stage for stage in stages for name, st in states.items() if name.startswith(stage) and st == "Cached"}
+    assert cached == stages, states
+
+
+def test_quantize_cli_prints_the_attempts(prefect_server, convert_config):
+    res = CliRunner().invoke(app, ["quantize", str(convert_config)])
+    assert res.exit_code == 0, res.output
+    assert "policy: start with ptq — mobile-style" in res.output
+    assert "u8s8" in res.output and "chosen: attempt 0" in res.output
