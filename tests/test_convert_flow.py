@@ -47,6 +47,24 @@ def test_demo_command_converts_and_publishes_then_reruns_from_cache(prefect_serv
     assert manifest["calibration"]["reviewer"] == "edgeq-demo"
     assert f"published {manifest['bundle_id']}" in res.output
 
+    # The published event reached the Prefect API, for automations.
+    import time
+
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    async def published_events():
+        async with get_client() as client:
+            page = await client.read_events(  # the server caps limit at 50; the client defaults to 100
+                filter=EventFilter(event=EventNameFilter(name=["edgeq.model.published"])), limit=50)
+            return [e for e in page.events if e.payload.get("bundle_id") == manifest["bundle_id"]]
+
+    import asyncio
+
+    deadline = time.time() + 30
+    while not asyncio.run(published_events()) and time.time() < deadline:
+        time.sleep(1)  # events are written by the server's event pipeline, shortly after emission
+    assert asyncio.run(published_events()), "no edgeq.model.published event for the bundle"
+
     # Nothing changed: every cached stage is a cache hit, and the same bundle comes back.
     from flows.convert import ConvertParams, convert_model
 
@@ -58,8 +76,6 @@ def test_demo_command_converts_and_publishes_then_reruns_from_cache(prefect_serv
             runs = await client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
             return {r.name: r.state.name for r in runs}
-
-    import asyncio
 
     states = asyncio.run(task_states())
     stages = {"export", "compile-check-ort-cpu", "compile-check-openvino-cpu", "compile-check-hailo8-declared",
