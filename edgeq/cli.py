@@ -26,8 +26,11 @@ def fail(msg: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def run_flow(fn, *args, **kwargs):
-    """Run a flow; a user-facing error prints cleanly and exits non-zero."""
+def run_flow(fn, *args, explain=None, **kwargs):
+    """Run a flow; a user-facing error prints cleanly and exits non-zero.
+
+    `explain(exc)` may turn a non-edgeq failure into `(message, exit code)` (e.g. a review that timed out).
+    """
     state = fn(*args, return_state=True, **kwargs)
     if not state.is_completed():
         try:
@@ -35,6 +38,9 @@ def run_flow(fn, *args, **kwargs):
         except EdgeqError as exc:
             fail(str(exc))
         except Exception as exc:  # noqa: BLE001
+            explained = explain(exc) if explain else None
+            if explained:
+                fail(*explained)
             fail(f"{type(exc).__name__}: {exc}")
         fail(f"flow ended {state.type.value}: {state.message}")
     return state.result()

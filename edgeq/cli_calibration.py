@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from edgeq.cli import app, console, fail
+from edgeq.cli import app, console, fail, run_flow
 from edgeq.errors import EdgeqError
 
 calibration_app = typer.Typer(help="Calibration-set versions: list, show, review.", no_args_is_help=True)
@@ -75,19 +75,14 @@ def calibrate(
     params = CalibrationParams(config=str(config), target_size=target_size, min_size=min_size,
                                override_reason=override_reason, wait_for_review=not no_wait,
                                review_timeout_s=timeout, poll_interval_s=poll_interval)
-    state = build_calibration_set(params, return_state=True)
-    if not state.is_completed():
-        try:
-            state.result()
-        except EdgeqError as exc:
-            fail(str(exc))
-        except Exception as exc:  # noqa: BLE001
-            if "never resumed" in str(exc):
-                fail(f"no review within {timeout}s: the calibration set stays a candidate "
-                     f"(`edgeq calibration list`, then `edgeq calibration review VERSION ...`)", code=2)
-            fail(f"{type(exc).__name__}: {exc}")
-        fail(f"flow ended {state.type.value}: {state.message}")
-    result = state.result()
+
+    def explain(exc: Exception):
+        if "never resumed" in str(exc):
+            return (f"no review within {timeout}s: the calibration set stays a candidate "
+                    f"(`edgeq calibration list`, then `edgeq calibration review VERSION ...`)", 2)
+        return None
+
+    result = run_flow(build_calibration_set, params, explain=explain)
     _print_version(result.record)
     console.print(result.message)
 
