@@ -96,6 +96,7 @@ def convert(
 
     manifest = run_flow(convert_model, ConvertParams(config=str(config), calibration=calibration, mode=mode))
     print_four_way(manifest)
+    console.print(f"speed: {manifest['speed']}", highlight=False, soft_wrap=True)
     console.print(f"[green]published[/] {manifest['bundle_id']} at {manifest['uri']}", soft_wrap=True)
 
 

@@ -271,8 +271,9 @@ def run_quantization(
         report.speed_note = f"latency on deployment target {deploy.name} could not be measured here"
     else:
         report.faster_than_fp32 = lat.speedup > 1.0
-        report.speed_note = (f"INT8 is {lat.speedup:.2f}x {'faster' if lat.speedup > 1 else 'SLOWER'} than FP32 on "
-                             f"{deploy.name} ({lat.int8_ms:.3f} ms vs {lat.fp32_ms:.3f} ms at batch 1)")
+        ratio, word = (lat.speedup, "faster") if lat.speedup > 1 else (1 / lat.speedup, "SLOWER")
+        report.speed_note = (f"INT8 is {ratio:.2f}x {word} than FP32 on {deploy.name} "
+                             f"({lat.int8_ms:.3f} ms vs {lat.fp32_ms:.3f} ms at batch 1)")
         if lat.speedup <= 1.0:
             report.speed_note += ": the INT8 model is NOT faster than FP32 on the deployment target"
     out_dir.mkdir(parents=True, exist_ok=True)
