@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import inspect
-import re
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from edgeq import PIPELINE_VERSION
 from edgeq.errors import is_transient
@@ -49,38 +47,3 @@ def content_key(stage: str, **parts: Any) -> str:
     """A cache key from a stage name, content hashes and config, and the pipeline version."""
     return f"edgeq-{stage}-" + sha256_json({"pipeline": PIPELINE_VERSION, "stage": stage, **parts})
 
-
-# -- one conversion per model at a time ------------------------------------------------------------
-
-def model_lock_name(model: str) -> str:
-    """The global concurrency limit that serialises conversions of one model."""
-    return "edgeq-convert-" + re.sub(r"[^A-Za-z0-9_-]+", "-", model)
-
-
-def ensure_model_lock(model: str) -> str:
-    """Create the model's global concurrency limit (1 slot) unless it exists."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    name = model_lock_name(model)
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-            except ObjectAlreadyExists:
-                pass  # another run created it first
-    return name
-
-
-@contextmanager
-def model_lock(model: str, timeout_s: float | None = None) -> Iterator[str]:
-    """Hold the model's conversion slot (a Prefect global concurrency limit); a second conversion of the
-    same model, from any process or worker on the same Prefect server, waits here."""
-    from prefect.concurrency.sync import concurrency
-
-    name = ensure_model_lock(model)
-    with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True):
-        yield name

@@ -13,7 +13,6 @@ from pydantic import BaseModel, Field
 
 from edgeq.config import load_prepared, prepare
 from edgeq.errors import SpecError
-from edgeq.orchestration import model_lock
 from edgeq.specs import EdgeqConfig
 from edgeq.store import sha256_file
 from flows.compile_check import run_compile_check_stage
@@ -29,8 +28,6 @@ class ConvertParams(BaseModel):
     calibration: str = Field("latest", description="approved calibration version id, or 'latest' approved for the model")
     mode: Literal["auto", "ptq", "qat"] | None = Field(None, description="quantization mode (default: the config's)")
     max_drop: float | None = Field(None, ge=0, le=1, description="INT8 SLA: max metric drop vs FP32 (default: the config's)")
-    lock_timeout_s: float | None = Field(
-        None, gt=0, description="give up after waiting this long for another conversion of the same model (default: wait)")
 
 
 def resolve_config(params: ConvertParams) -> EdgeqConfig:
@@ -69,18 +66,17 @@ def lineage(cfg: EdgeqConfig, exported, quantized, calibration) -> dict[str, Any
 
 @flow(name="convert_model", log_prints=True)
 def convert_model(params: ConvertParams = ConvertParams()) -> dict[str, Any]:
-    """The whole conversion: returns the published bundle's manifest (with `uri`). Conversions of the same model
-    take turns (a per-model Prefect global concurrency limit), so they never race on the same bundle."""
-    cfg = resolve_config(params)
-    with model_lock(cfg.model.name, params.lock_timeout_s) as lock:
-        get_run_logger().info("holding %s", lock)
-        return _convert(cfg)
+    """The whole conversion: returns the published bundle's manifest (with `uri`).
 
-
-def _convert(cfg: EdgeqConfig) -> dict[str, Any]:
+    Two conversions of the same inputs agree: every stage writes content-addressed artifacts, and the bundle is
+    placed by an atomic rename (the first one wins, the second returns it). The `convert-model` deployment also
+    runs one conversion at a time (deployments/prefect.yaml). No global lock is held here: on a temporary
+    (ephemeral) Prefect server nothing reclaims the slot of a killed process, so a crash would block the model.
+    """
     from calibration.versions import load_version
     from edgeq.store import ArtifactStore
 
+    cfg = resolve_config(params)
     logger = get_run_logger()
     exported = run_export_stage(cfg)
     run_compile_check_stage(cfg, exported)

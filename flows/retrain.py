@@ -33,8 +33,6 @@ class RetrainParams(BaseModel):
     calibration: str = Field("latest", description="approved calibration version id, or 'latest' approved for the model")
     mode: Literal["auto", "ptq", "qat"] | None = Field(None, description="quantization mode (default: the config's)")
     max_drop: float | None = Field(None, ge=0, le=1, description="INT8 SLA: max metric drop vs FP32 (default: the config's)")
-    lock_timeout_s: float | None = Field(
-        None, ge=1, description="seconds to wait while another conversion of the same model runs (default: no limit)")
 
 
 class TrainResult(BaseModel):
@@ -172,7 +170,7 @@ def retrain_to_deploy(params: RetrainParams = RetrainParams()) -> RetrainResult:
     store = ArtifactStore(cfg.store_url)
     weights = store.local_path(trained.weights)
     convert = ConvertParams(inline=retrained_config(cfg, weights), calibration=params.calibration, mode=params.mode,
-                            max_drop=params.max_drop, lock_timeout_s=params.lock_timeout_s)
+                            max_drop=params.max_drop)
     logger.info("converting %s", trained.weights.uri)
     manifest = convert_model(convert)  # holds the model's conversion slot itself
     published = read_manifest(store, manifest["bundle_id"])
