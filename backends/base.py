@@ -40,7 +40,7 @@ from typing import Any, ClassVar, Iterator, Literal
 import numpy as np
 from pydantic import BaseModel, Field, PrivateAttr
 
-from edgeq.errors import EdgeqError
+from edgeq.errors import EdgeqError, is_transient
 
 # Control-flow ops whose support differs between runtimes and compilers.
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
@@ -181,7 +181,26 @@ def load_onnx(path: str | Path):
             f"{path} is not a readable ONNX model (truncated or corrupt file?): {type(exc).__name__}: {exc}") from None
     if not model.graph.node:
         raise ModelFileError(f"{path} holds no ONNX graph nodes (truncated or corrupt file?)")
+    check_external_data(model, path)
     return model
+
+
+def check_external_data(model, path: Path) -> None:
+    """Refuse external-data locations that leave the model's folder (../, absolute paths, links out).
+
+    A runtime would read whatever file such a location names; the model and its data must move together.
+    """
+    from onnx.external_data_helper import uses_external_data
+
+    folder = path.resolve().parent
+    for tensor in model.graph.initializer:
+        if not uses_external_data(tensor):
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if not location or not (folder / location).resolve().is_relative_to(folder):
+            raise ModelFileError(
+                f"{path}: initializer {tensor.name!r} keeps its data at {location!r}, outside the model's folder "
+                f"{folder}; refusing it (external data must sit next to the model file)")
 
 
 def model_opset(model) -> int:
@@ -492,6 +511,8 @@ class Backend(ABC):
                 self._fail(report, str(exc), model)
                 return report
             except Exception as exc:  # noqa: BLE001 - the runtime's own message names the node
+                if is_transient(exc):
+                    raise  # a busy device is retried by the task, never cached as a failed row
                 report.compile_s = time.perf_counter() - t0
                 self._fail(report, f"{type(exc).__name__}: {_squash(exc)}", model)
                 return report
@@ -505,6 +526,8 @@ class Backend(ABC):
                 if run_benchmark:
                     report.latency = benchmark(runner, feeds, warmup=warmup, iters=iters)
             except Exception as exc:  # noqa: BLE001
+                if is_transient(exc):
+                    raise  # a busy device is retried by the task, never cached as a failed row
                 self._fail(report, f"compiled, but the first inference failed: {type(exc).__name__}: {_squash(exc)}", model)
                 return report
             finally:

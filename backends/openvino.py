@@ -14,6 +14,7 @@ where the CPU has no fp16 arithmetic. The runner reports the compiled model's ow
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,11 @@ def _compile_config(target) -> dict[str, str]:
         config["INFERENCE_NUM_THREADS"] = str(target.threads)
     return config
 
+
+# Two threads preparing models at once (Prefect's thread runner fanning out over models x targets) deadlocked
+# inside OpenVINO: one in PrePostProcessor.build(), the other in Output.get_partial_shape(). Model editing is
+# serialized per process; compiling and inference are not.
+_PREPARE_LOCK = threading.Lock()
 
 class OpenVinoRunner(Runner):
     """A compiled OpenVINO model (IR or ONNX file) with one infer request."""
@@ -113,10 +119,14 @@ class OpenVinoBackend(Backend):
     # -- deployable form ---------------------------------------------------
     def prepare(self, model_path, target, out_dir, dims=None) -> PreparedModel:
         """Read, reshape (static batch=1), set layout with PrePostProcessor, save IR with FP32 weights."""
+        proto = load_onnx(model_path)  # a clear error for a corrupt file before OpenVINO's frontends guess
+        with _PREPARE_LOCK:
+            return self._prepare(proto, model_path, target, out_dir, dims)
+
+    def _prepare(self, proto, model_path, target, out_dir, dims) -> PreparedModel:
         import openvino as ov
         from openvino.preprocess import PrePostProcessor
 
-        proto = load_onnx(model_path)  # a clear error for a corrupt file before OpenVINO's frontends guess
         inputs = graph_inputs(proto)
         shapes, notes = fix_batch(inputs, target.batch, dims)
         model = _core().read_model(str(model_path))

@@ -9,8 +9,24 @@ from edgeq.specs import EdgeqConfig, load_config, load_object
 
 
 def prepare(cfg: EdgeqConfig) -> None:
-    if cfg.prepare is None:
+    if cfg.prepare is not None:
+        run_prepare_hook(cfg)
+    check_metric(cfg)
+
+
+def check_metric(cfg: EdgeqConfig) -> None:
+    """Import a user metric now, so a bad import path fails before any stage writes to the store."""
+    if cfg.model.metric in ("top1", "cosine"):
         return
+    from edgeq.metrics import resolve_metric
+
+    try:
+        resolve_metric(cfg.model.metric)
+    except SpecError as exc:
+        raise SpecError(f"model.metric {cfg.model.metric!r}: {exc}") from None
+
+
+def run_prepare_hook(cfg: EdgeqConfig) -> None:
     fn = load_object(cfg.prepare)
     kwargs = dict(cfg.prepare_kwargs)
     # A relative `root`/`path` kwarg is relative to the config file, like every other path.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import re
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,12 @@ class ExportReport(BaseModel):
         return all(p.ok for p in self.probe) and all(p.passed for p in self.parity)
 
 
+# torch.onnx.export keeps process-global state (GLOBALS.in_onnx_export, the tracer) and warnings.catch_warnings is
+# process-global too: two exports in threads of one process (Prefect's thread task runner fanning out over models)
+# fail with "GLOBALS.in_onnx_export must be False". Every export in edgeq holds this lock.
+ONNX_EXPORT_LOCK = threading.RLock()
+
+
 # ---------------------------------------------------------------- opset
 def choose_opset(targets: list[TargetSpec]) -> tuple[int, str]:
     """The lowest maximum opset among the targets, and which target set it."""
@@ -86,7 +93,10 @@ def choose_opset(targets: list[TargetSpec]) -> tuple[int, str]:
 
     limits = []
     for t in targets:
-        limit = t.max_opset if t.max_opset is not None else get_backend(t.backend).max_opset(t)
+        try:
+            limit = t.max_opset if t.max_opset is not None else get_backend(t.backend).max_opset(t)
+        except SpecError as exc:  # name the target, not only the backend
+            raise SpecError(f"target {t.name!r}: {exc}") from None
         limits.append((limit, t.name))
     opset, who = min(limits)
     return opset, f"lowest maximum opset among targets: {who} supports up to {opset}"
@@ -145,7 +155,8 @@ def _first_line(exc: BaseException) -> str:
     return " ".join(summary.split())[:600]
 
 
-def export_onnx(model: torch.nn.Module, spec: ModelSpec, opset: int, feeds: dict[str, np.ndarray], out: Path) -> tuple[str, list[str]]:
+def export_onnx(model: torch.nn.Module, spec: ModelSpec, opset: int, feeds: dict[str, np.ndarray], out: Path,
+                opset_reason: str = "") -> tuple[str, list[str]]:
     """Export to `out` at exactly `opset`. Returns (exporter used, warnings)."""
     exporter = spec.exporter
     if exporter == "auto":
@@ -161,7 +172,7 @@ def export_onnx(model: torch.nn.Module, spec: ModelSpec, opset: int, feeds: dict
         dynamic_axes=_dynamic_axes(spec) or None,
     )
     notes: list[str] = []
-    with warnings.catch_warnings(record=True) as caught:
+    with ONNX_EXPORT_LOCK, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             if exporter == "dynamo":
@@ -170,6 +181,13 @@ def export_onnx(model: torch.nn.Module, spec: ModelSpec, opset: int, feeds: dict
                 torch.onnx.export(model, args, str(out), dynamo=False, do_constant_folding=True, **kwargs)
         except torch.onnx.errors.UnsupportedOperatorError as exc:
             op = re.search(r"operator '([^']+)'", str(exc))
+            added = re.search(r"added in version (\d+)", str(exc))
+            if added:  # the op exists in ONNX, just not at an opset this low: the targets' limit is what to change
+                raise ExportError(
+                    f"op {op.group(1) if op else '?'} needs ONNX opset >= {added.group(1)}, but the export opset is "
+                    f"{opset} ({opset_reason or 'the lowest maximum opset among the targets'}): raise that target's "
+                    "max_opset, drop the target, or change the model to avoid the op"
+                ) from None
             raise ExportError(
                 f"op {op.group(1) if op else '?'} has no ONNX symbolic at opset {opset} (TorchScript exporter): "
                 "register a custom symbolic (torch.onnx.register_custom_op_symbolic), or change the model to "
@@ -362,7 +380,7 @@ def run_export(model: torch.nn.Module, spec: ModelSpec, targets: list[TargetSpec
         ) from None
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp) / "model.onnx"
-        exporter, notes = export_onnx(model, spec, opset, feeds, tmp_path)
+        exporter, notes = export_onnx(model, spec, opset, feeds, tmp_path, opset_reason=reason)
         proto = check_and_infer(tmp_path)
         findings = scan_graph(proto)
         report = ExportReport(model=spec.name, opset=opset, opset_reason=reason, exporter=exporter,

@@ -13,7 +13,6 @@ Same held-out samples, same metric, for every stage; each adjacent pair is gated
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import tempfile
 import time
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from edgeq.quiet import muted_output
 from pydantic import BaseModel, Field
 
 from edgeq.data import pixel_hash
@@ -147,7 +147,7 @@ def _all_activations(path: Path, x: np.ndarray, input_name: str) -> dict[str, np
 
     from edgeq.quantization.ptq import ArrayReader
 
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+    with tempfile.TemporaryDirectory() as tmp, muted_output():
         aug = Path(tmp) / "aug.onnx"
         modify_model_output_intermediate_tensors(str(path), str(aug))
         acts = collect_activations(str(aug), ArrayReader(input_name, x))

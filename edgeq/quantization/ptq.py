@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import onnx
+from edgeq.quiet import muted_output
 from pydantic import BaseModel, Field
 
 from edgeq.errors import SpecError
@@ -88,7 +87,7 @@ def preprocess_model(src: Path, dst: Path) -> Path:
     """ONNX Runtime's quantization pre-processing (shape inference + graph optimisation): 3x faster INT8 here."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with contextlib.redirect_stdout(io.StringIO()):
+    with muted_output():
         quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
     return dst
 
@@ -99,7 +98,7 @@ def quantize_onnxruntime(src: Path, dst: Path, samples: np.ndarray, input_name: 
     act = QuantType.QUInt8 if s.types == "u8s8" else QuantType.QInt8
     model = onnx.load(str(src), load_external_data=False)
     excluded = set(s.keep_fp32_nodes) | {n.name for n in model.graph.node if n.op_type in s.keep_fp32_op_types}
-    with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print progress
+    with muted_output():  # the calibrators print progress
         quantize_static(
             str(src), str(dst), ArrayReader(input_name, samples),
             quant_format=QuantFormat.QDQ, op_types_to_quantize=list(s.op_types), per_channel=s.per_channel,
@@ -118,7 +117,7 @@ def quantize_nncf(src: Path, dst: Path, samples: np.ndarray, input_name: str, s:
     if s.keep_fp32_nodes or s.keep_fp32_op_types:
         ignored = nncf.IgnoredScope(names=list(s.keep_fp32_nodes), types=list(s.keep_fp32_op_types), validate=False)
     dataset = nncf.Dataset(samples, lambda x: {input_name: x[None].astype(np.float32)})
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with muted_output(stderr=True):
         q = nncf.quantize(model, dataset, subset_size=len(samples), ignored_scope=ignored,
                           preset=nncf.QuantizationPreset.MIXED if s.types == "u8s8" else nncf.QuantizationPreset.PERFORMANCE)
     onnx.save(q, str(dst))

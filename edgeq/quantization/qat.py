@@ -214,7 +214,9 @@ def export_qdq(qmodel: torch.nn.Module, example: np.ndarray, input_name: str, ou
     if n == 0:
         raise ExportError("the QAT model holds no NNCF quantizers: nothing to export as INT8")
     try:
-        with warnings.catch_warnings():
+        from edgeq.export import ONNX_EXPORT_LOCK  # torch.onnx.export is not thread-safe
+
+        with ONNX_EXPORT_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # legacy-exporter deprecation, NNCF's .item() TracerWarnings
             torch.onnx.export(
                 qmodel, (torch.from_numpy(example),), str(out), dynamo=False, opset_version=export_opset,

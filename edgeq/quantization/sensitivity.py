@@ -5,13 +5,12 @@ Uses ONNX Runtime's QDQ debugging tools (`onnxruntime.quantization.qdq_loss_debu
 
 from __future__ import annotations
 
-import contextlib
-import io
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
+from edgeq.quiet import muted_output
 from pydantic import BaseModel
 
 from edgeq.quantization.ptq import ArrayReader
@@ -35,7 +34,7 @@ def sensitivity_table(fp32_pre: Path, qdq: Path, samples: np.ndarray, input_name
     )
 
     samples = samples[:32]
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+    with tempfile.TemporaryDirectory() as tmp, muted_output():
         f_aug, q_aug = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
         modify_model_output_intermediate_tensors(str(fp32_pre), str(f_aug))
         modify_model_output_intermediate_tensors(str(qdq), str(q_aug))
