@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 from pydantic import BaseModel, Field
 
-from edgeq.errors import EdgeqError, GateError, SpecError
+from edgeq.errors import GateError, SpecError
 from edgeq.metrics import score
 from edgeq.quantization.policy import PolicyDecision, choose_types, decide
 from edgeq.quantization.ptq import PTQSettings, preprocess_model, quantize
@@ -24,6 +24,8 @@ from edgeq.specs import EdgeqConfig, TargetSpec
 
 
 class Latency(BaseModel):
+    """Batch-1 latency of one attempt on one target (`int8_ms`), next to the FP32 model's on the same target."""
+
     target: str
     fp32_ms: float | None = None
     int8_ms: float | None = None
@@ -94,7 +96,8 @@ def run_onnx(path: str | Path, x: np.ndarray, input_name: str, output_name: str)
 
 
 def measure_latency(path: Path, targets: list[TargetSpec], sample: np.ndarray, input_name: str, iters: int) -> list[Latency]:
-    """Batch-1 latency on every target whose runtime is here; a target that cannot run says why."""
+    """Batch-1 latency of the model at `path` (in `int8_ms`) on every target whose runtime is here; a target
+    that cannot run it says why."""
     from backends import get_backend
     from backends.base import benchmark
 
@@ -292,4 +295,3 @@ def format_attempts(report: QuantizationReport) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["run_quantization", "QuantizationReport", "Attempt", "format_attempts", "EdgeqError"]
