@@ -118,9 +118,15 @@ class ArtifactStore:
         return self.put_bytes(data, name, meta)
 
     def _intact(self, key: str, sha: str, size: int) -> bool:
-        """True when the object is already there with the right size (names embed the hash)."""
+        """True when the object is already there with the right bytes; a damaged copy gets rewritten."""
         try:
-            return self.fs.exists(key) and self.fs.size(key) == size
+            if not (self.fs.exists(key) and self.fs.size(key) == size):
+                return False
+            h = hashlib.sha256()
+            with self.fs.open(key, "rb") as f:
+                for chunk in iter(lambda: f.read(_CHUNK), b""):
+                    h.update(chunk)
+            return h.hexdigest() == sha
         except FileNotFoundError:
             return False
 

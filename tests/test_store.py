@@ -28,6 +28,15 @@ def test_tampered_artifact_is_refused_naming_the_file(tmp_path):
         store.local_path(ref)
 
 
+def test_writing_the_same_bytes_again_repairs_a_damaged_copy(tmp_path):
+    store = ArtifactStore(tmp_path / "s")
+    ref = store.put_bytes(b"weights", "model.onnx")
+    path = store.local_path(ref)
+    path.write_bytes(b"weightz")  # same size, other bytes
+    assert store.put_bytes(b"weights", "model.onnx") == ref
+    assert store.read_bytes(ref) == b"weights"
+
+
 def test_fsspec_memory_store_roundtrip():
     store = ArtifactStore("memory://edgeq-test-store")
     ref = store.put_json({"a": 1}, "r.json")
