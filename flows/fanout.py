@@ -19,7 +19,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from edgeq.config import load_prepared
-from tasks.compile_check import BenchSettings, compile_check_task
+from tasks.compile_check import BenchSettings, CompileMatrix, compile_check_task, gate_required_targets
 from tasks.export import export_task
 
 
@@ -63,9 +63,12 @@ def fanout(params: FanoutParams) -> list[dict[str, Any]]:
         checks.append(compile_check_task.map(onnx=unmapped(exp.result().onnx), target=cfg.targets,
                                              store_url=unmapped(cfg.store_url), bench=unmapped(bench)))
     if params.stage == "quantize":
-        for cfg, exp in zip(cfgs, exports):
+        for cfg, exp, futs in zip(cfgs, exports, checks):
             version = resolve_calibration(cfg, params.calibration).version.version
             e = exp.result()
+            # As in convert_model: a required target that cannot compile stops that model before quantization.
+            gate_required_targets(CompileMatrix(model=cfg.model.name, onnx_sha256=e.onnx.sha256,
+                                                reports=[f.result() for f in futs]))
             quants.append(quantize_task.submit(cfg, e.onnx, version, e.report.opset))
     rows = []
     for i, (cfg, exp, futs) in enumerate(zip(cfgs, exports, checks)):
