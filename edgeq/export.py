@@ -144,6 +144,12 @@ def ort_session(path: str | Path):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def run_onnx(path: str | Path, x: np.ndarray, input_name: str, output_name: str) -> np.ndarray:
+    """One output of an ONNX model over all of `x` (dynamic batch), in chunks of 256 on ONNX Runtime CPU."""
+    sess = ort_session(path)
+    return np.concatenate([sess.run([output_name], {input_name: x[i:i + 256]})[0] for i in range(0, len(x), 256)])
+
+
 # ---------------------------------------------------------------- export
 def _dynamic_axes(spec: ModelSpec) -> dict[str, dict[int, str]]:
     return {i.name: i.dynamic_axes for i in spec.inputs if i.dynamic_axes}

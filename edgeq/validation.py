@@ -189,7 +189,7 @@ def validate_four_way(cfg: EdgeqConfig, model: torch.nn.Module, fp32_onnx: Path,
                       test: tuple[np.ndarray, np.ndarray | None], calib: np.ndarray | None,
                       calibration_version: str, opset: int) -> ValidationReport:
     """Run the four stages and every gate; returns the report (check `.passed`)."""
-    from edgeq.quantization.escalate import run_onnx
+    from edgeq.export import run_onnx
     from edgeq.specs import TargetSpec as _T
 
     spec, th = cfg.model, cfg.thresholds

@@ -53,7 +53,7 @@ def task_runner(params: FanoutParams):
 @flow(name="fanout", log_prints=True)
 def fanout(params: FanoutParams) -> list[dict[str, Any]]:
     """One row per model: the FP32 and (stage 'quantize') INT8 sha256, and each target's compile status."""
-    from tasks.quantize import quantize_task, resolve_calibration
+    from tasks.quantize import approved_version_id, quantize_task
 
     cfgs = [load_prepared(c) for c in params.configs]
     bench = BenchSettings(warmup=params.warmup, iters=params.iters)
@@ -64,7 +64,7 @@ def fanout(params: FanoutParams) -> list[dict[str, Any]]:
                                              store_url=unmapped(cfg.store_url), bench=unmapped(bench)))
     if params.stage == "quantize":
         for cfg, exp, futs in zip(cfgs, exports, checks):
-            version = resolve_calibration(cfg, params.calibration).version.version
+            version = approved_version_id(cfg, params.calibration)
             e = exp.result()
             # As in convert_model: a required target that cannot compile stops that model before quantization.
             gate_required_targets(CompileMatrix(model=cfg.model.name, onnx_sha256=e.onnx.sha256,

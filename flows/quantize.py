@@ -9,7 +9,7 @@ from edgeq.config import load_prepared
 from edgeq.store import ArtifactStore
 from flows.compile_check import run_compile_check_stage
 from flows.export import run_export_stage
-from tasks.quantize import QuantizeResult, publish_quantization, quantize_task, resolve_calibration
+from tasks.quantize import QuantizeResult, approved_version_id, publish_quantization, quantize_task
 
 
 class QuantizeParams(BaseModel):
@@ -20,7 +20,7 @@ class QuantizeParams(BaseModel):
 
 def run_quantize_stage(cfg, export_result, calibration: str | None = None) -> QuantizeResult:
     # Resolve "latest" to an id before keying the cache, and refuse a non-approved version before any work.
-    version = resolve_calibration(cfg, calibration).version.version
+    version = approved_version_id(cfg, calibration)
     result = quantize_task(cfg, export_result.onnx, version, export_result.report.opset)
     if not ArtifactStore(cfg.store_url).exists(result.int8):
         result = quantize_task.with_options(refresh_cache=True)(cfg, export_result.onnx, version,

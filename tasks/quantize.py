@@ -31,6 +31,15 @@ def resolve_calibration(cfg: EdgeqConfig, version: str | None = None):
                             input_name=cfg.model.inputs[0].name)
 
 
+def approved_version_id(cfg: EdgeqConfig, version: str | None = None) -> str:
+    """The id of the approved version named by `version` (or 'latest'), from its record alone: refuses a candidate
+    or rejected version before any work, without reading (and hashing) the samples as the reader does."""
+    from calibration.versions import get_approved
+
+    return get_approved(ArtifactStore(cfg.store_url), version or cfg.quantization.calibration,
+                        model=cfg.model.name).version
+
+
 def quantize_cache_key(cfg: EdgeqConfig, fp32: ArtifactRef, calibration_version: str) -> str:
     q = cfg.quantization
     return content_key(

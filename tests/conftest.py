@@ -85,6 +85,27 @@ def demo_onnx_path(demo_cfg, demo_export) -> Path:
     return ArtifactStore(demo_cfg.store_url).local_path(demo_export.onnx)
 
 
+def paused_review(store_url: str, timeout: float = 120):
+    """The newest calibration version record once its build run is paused for review (polls the Prefect API)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    from calibration.versions import list_versions
+    from edgeq.store import ArtifactStore
+
+    store = ArtifactStore(store_url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        vs = list_versions(store)
+        if vs and vs[0].review.flow_run_id:
+            with get_client(sync_client=True) as client:
+                if client.read_flow_run(vs[0].review.flow_run_id).state.is_paused():
+                    return vs[0]
+        time.sleep(0.3)
+    raise AssertionError("the calibration flow never paused for review")
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SESSION_TMP, ignore_errors=True)
 

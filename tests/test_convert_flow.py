@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prefect import flow
 from typer.testing import CliRunner
 
 from conftest import write_config

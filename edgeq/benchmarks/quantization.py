@@ -141,7 +141,7 @@ def paired_latency(fp32: Path, int8: Path, backend_name: str, sample: np.ndarray
 
 
 def accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
-    from edgeq.quantization.escalate import run_onnx
+    from edgeq.export import run_onnx
 
     return float((run_onnx(path, x, "image", "logits").argmax(1) == y).mean())
 

@@ -16,6 +16,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from edgeq.errors import GateError, SpecError
+from edgeq.export import run_onnx
 from edgeq.metrics import score
 from edgeq.quantization.policy import PolicyDecision, choose_types, decide
 from edgeq.quantization.ptq import PTQSettings, preprocess_model, quantize
@@ -86,13 +87,6 @@ class QuantizationReport(BaseModel):
                 row[f"{lat.target} speedup"] = None if lat.speedup is None else round(lat.speedup, 2)
             rows.append(row)
         return rows
-
-
-def run_onnx(path: str | Path, x: np.ndarray, input_name: str, output_name: str) -> np.ndarray:
-    from edgeq.export import ort_session
-
-    sess = ort_session(path)
-    return np.concatenate([sess.run([output_name], {input_name: x[i:i + 256]})[0] for i in range(0, len(x), 256)])
 
 
 def measure_latency(path: Path, targets: list[TargetSpec], sample: np.ndarray, input_name: str, iters: int) -> list[Latency]:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
-from conftest import write_config
+from conftest import paused_review, write_config
 
 
 def _start(params):
@@ -17,25 +16,6 @@ def _start(params):
     th = threading.Thread(target=lambda: out.setdefault("state", build_calibration_set(params, return_state=True)))
     th.start()
     return th, out
-
-
-def _paused_version(cfg, timeout=120):
-    """The version record once its build run is paused for review."""
-    from prefect.client.orchestration import get_client
-
-    from calibration.versions import list_versions
-    from edgeq.store import ArtifactStore
-
-    store = ArtifactStore(cfg.store_url)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        vs = list_versions(store)
-        if vs and vs[0].review.flow_run_id:
-            with get_client(sync_client=True) as client:
-                if client.read_flow_run(vs[0].review.flow_run_id).state.is_paused():
-                    return vs[0]
-        time.sleep(0.3)
-    raise AssertionError("the flow never paused for review")
 
 
 @pytest.fixture
@@ -58,7 +38,7 @@ def test_review_through_the_paused_flow(prefect_server, cfg_path, decision):
 
     cfg = load_prepared(cfg_path)
     th, out = _start(_params(cfg_path, review_timeout_s=120))
-    v = _paused_version(cfg)
+    v = paused_review(cfg.store_url)
     assert v.status == "candidate"
     resume_flow_run(v.review.flow_run_id, run_input={"decision": decision, "reviewer": "ann", "comment": "checked"})
     th.join(120)
@@ -87,7 +67,7 @@ def test_cli_review_resumes_the_paused_run(prefect_server, cfg_path):
 
     cfg = load_prepared(cfg_path)
     th, out = _start(_params(cfg_path, review_timeout_s=120))
-    v = _paused_version(cfg)
+    v = paused_review(cfg.store_url)
     res = CliRunner().invoke(app, ["calibration", "review", v.version, "--approve", "--reviewer", "bob",
                                    "--comment", "coverage ok", "-c", str(cfg_path)])
     assert res.exit_code == 0, res.output

@@ -1,6 +1,5 @@
 """Escalation on a model PTQ cannot serve: PTQ -> PTQ variants -> sensitive layers in FP32 -> QAT."""
 
-import numpy as np
 import pytest
 import yaml
 

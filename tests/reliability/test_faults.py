@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
+from conftest import paused_review
 from rel_helpers import FAST_TARGETS, copy_store, fast_config, seed, snapshot, task_run_objects, verify_store
 
 FLAKY = Path(__file__).with_name("flaky_device.py")
@@ -98,23 +98,6 @@ def _start_review(params):
     return th, out
 
 
-def _wait_paused(store_url: str, timeout: float = 120):
-    from prefect.client.orchestration import get_client
-
-    from calibration.versions import list_versions
-    from edgeq.store import ArtifactStore
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        vs = list_versions(ArtifactStore(store_url))
-        if vs and vs[0].review.flow_run_id:
-            with get_client(sync_client=True) as client:
-                if client.read_flow_run(vs[0].review.flow_run_id).state.is_paused():
-                    return vs[0]
-        time.sleep(0.3)
-    raise AssertionError("the calibration flow never paused for review")
-
-
 def _cli(*args):
     from typer.testing import CliRunner
 
@@ -135,7 +118,7 @@ def test_resuming_a_paused_review_twice_is_harmless(prefect_server, demo_root, t
     cfg_path = fast_config(tmp_path, demo_root)
     cfg = load_prepared(cfg_path)
     th, out = _start_review(CalibrationParams(config=str(cfg_path), poll_interval_s=1, review_timeout_s=120))
-    v = _wait_paused(cfg.store_url)
+    v = paused_review(cfg.store_url)
     resume_flow_run(v.review.flow_run_id, run_input={"decision": "approve", "reviewer": "ann", "comment": "ok"})
     with pytest.raises(NotPausedError):  # a second resume (another reviewer, a double click) is refused by Prefect
         resume_flow_run(v.review.flow_run_id, run_input={"decision": "reject", "reviewer": "bob", "comment": "no"})
