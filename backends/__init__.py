@@ -2,7 +2,7 @@
 
 Public API for other stages::
 
-    from backends import get_backend, benchmark
+    from edgeq.backends import get_backend, benchmark
     backend = get_backend(target.backend)
     with backend.runner(onnx_path, target) as r:      # a backends.base.Runner
         out = r.infer({"image": x})                   # {output name: np.ndarray}
@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import importlib
 
-from backends.base import Backend, CompileReport, LatencyReport, Runner, benchmark
+from edgeq.backends.base import Backend, CompileReport, LatencyReport, Runner, benchmark
 
 __all__ = ["Backend", "CompileReport", "LatencyReport", "Runner", "benchmark", "get_backend", "known_backends"]
 
 # name -> "module:Class"; modules are imported on first use so a missing SDK costs nothing here.
 # Extras a backend needs: tensorrt -> `pip install 'edgeq[tensorrt]'` plus an NVIDIA GPU.
 _REGISTRY: dict[str, str] = {
-    "onnxruntime": "backends.onnxruntime:OnnxRuntimeBackend",
-    "openvino": "backends.openvino:OpenVinoBackend",
-    "command": "backends.command:CommandBackend",
-    "tensorrt": "backends.tensorrt:TensorRtBackend",
-    "declared": "backends.declared:DeclaredBackend",
+    "onnxruntime": "edgeq.backends.onnxruntime:OnnxRuntimeBackend",
+    "openvino": "edgeq.backends.openvino:OpenVinoBackend",
+    "command": "edgeq.backends.command:CommandBackend",
+    "tensorrt": "edgeq.backends.tensorrt:TensorRtBackend",
+    "declared": "edgeq.backends.declared:DeclaredBackend",
 }
 
 
@@ -36,7 +36,7 @@ def known_backends() -> list[str]:
 def get_backend(name: str) -> Backend:
     """The backend registered under `name`; an unknown name lists the known ones."""
     if name not in _REGISTRY:
-        from edgeq.errors import SpecError
+        from edgeq.core.errors import SpecError
 
         raise SpecError(f"unknown backend {name!r}; known backends: {', '.join(known_backends())}")
     module_name, _, cls_name = _REGISTRY[name].partition(":")

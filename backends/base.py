@@ -40,25 +40,20 @@ from typing import Any, ClassVar, Iterator, Literal
 import numpy as np
 from pydantic import BaseModel, Field, PrivateAttr
 
-from edgeq.errors import EdgeqError, is_transient
+from edgeq.core.errors import EdgeqError, ModelFileError, RunnerError, is_transient
+from edgeq.core.onnx_graph import (
+    CONTROL_FLOW_OPS,
+    STANDARD_DOMAINS,
+    TensorMeta,
+    iter_nodes,
+    load_onnx,
+    model_opset,
+    node_label,
+    sample_feeds,
+)
+from edgeq.core.platform import x86_without_vnni
 
-# Control-flow ops whose support differs between runtimes and compilers.
-CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
-STANDARD_DOMAINS = ("", "ai.onnx")
 Status = Literal["compiled", "declared-ok", "failed", "unavailable"]
-
-_ONNX_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64, 9: np.bool_,
-                10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
-_QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
-                        "MatMulInteger", "DynamicQuantizeLinear"})
-
-
-class ModelFileError(EdgeqError):
-    """The model file itself is unreadable (missing, truncated, not ONNX)."""
-
-
-class RunnerError(EdgeqError):
-    """Inputs do not fit the prepared model (names, dtypes, static shapes)."""
 
 
 # ---------------------------------------------------------------- records
@@ -142,10 +137,12 @@ class CompileReport(BaseModel):
         }
 
 
-class TensorMeta(BaseModel):
-    name: str
-    shape: list[int | str]  # a string is a dynamic dimension
-    dtype: str  # numpy dtype name
+class Int8Scheme(BaseModel):
+    """The INT8 form a target runs fastest and correctly: activation/weight types, 7-bit weights, and why."""
+
+    types: Literal["u8s8", "s8s8"]
+    reduce_range: bool = False
+    reason: str
 
 
 class PreparedModel(BaseModel):
@@ -161,95 +158,6 @@ class PreparedModel(BaseModel):
     batch: str
     precision: str = Field(description="asked precision, as the runtime spells it")
     warnings: list[str] = Field(default_factory=list)
-
-
-# ---------------------------------------------------------------- ONNX helpers (onnx only, no torch)
-def load_onnx(path: str | Path):
-    """The ModelProto at `path`; a missing, truncated or non-ONNX file is a ModelFileError naming it."""
-    import onnx
-    from google.protobuf.message import DecodeError
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"model file {path} does not exist")
-    if path.stat().st_size == 0:
-        raise ModelFileError(f"model file {path} is empty")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, ValueError, RuntimeError) as exc:
-        raise ModelFileError(
-            f"{path} is not a readable ONNX model (truncated or corrupt file?): {type(exc).__name__}: {exc}") from None
-    if not model.graph.node:
-        raise ModelFileError(f"{path} holds no ONNX graph nodes (truncated or corrupt file?)")
-    check_external_data(model, path)
-    return model
-
-
-def check_external_data(model, path: Path) -> None:
-    """Refuse external-data locations that leave the model's folder (../, absolute paths, links out).
-
-    A runtime would read whatever file such a location names; the model and its data must move together.
-    """
-    from onnx.external_data_helper import uses_external_data
-
-    folder = path.resolve().parent
-    for tensor in model.graph.initializer:
-        if not uses_external_data(tensor):
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        if not location or not (folder / location).resolve().is_relative_to(folder):
-            raise ModelFileError(
-                f"{path}: initializer {tensor.name!r} keeps its data at {location!r}, outside the model's folder "
-                f"{folder}; refusing it (external data must sit next to the model file)")
-
-
-def model_opset(model) -> int:
-    for o in model.opset_import:
-        if o.domain in STANDARD_DOMAINS:
-            return int(o.version)
-    return 1
-
-
-def iter_nodes(model) -> Iterator[Any]:
-    """Every node, including those inside If/Loop/Scan bodies and model-local functions."""
-    import onnx
-
-    def walk(nodes):
-        for node in nodes:
-            yield node
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    yield from walk(attr.g.node)
-                for g in attr.graphs:
-                    yield from walk(g.node)
-
-    yield from walk(model.graph.node)
-    for f in model.functions:
-        yield from walk(f.node)
-
-
-def node_label(node) -> str:
-    return node.name or (node.output[0] if node.output else node.op_type)
-
-
-def graph_inputs(model) -> list[TensorMeta]:
-    inits = {i.name for i in model.graph.initializer}
-    metas = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        shape: list[int | str] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
-        metas.append(TensorMeta(name=vi.name, shape=shape, dtype=np.dtype(_ONNX_DTYPES.get(tt.elem_type, np.float32)).name))
-    return metas
-
-
-def onnx_precision(model) -> str:
-    """'int8' for a quantized (QDQ/QOperator) model, else the float type of its weights."""
-    if any(n.op_type in _QUANT_OPS for n in iter_nodes(model)):
-        return "int8"
-    kinds = {i.data_type for i in model.graph.initializer}
-    return "f16" if 10 in kinds and 1 not in kinds else "f32"
 
 
 def fix_batch(inputs: list[TensorMeta], batch: str, dims: dict[str, int] | None = None) -> tuple[dict[str, list[int | str]], list[str]]:
@@ -275,16 +183,16 @@ def fix_batch(inputs: list[TensorMeta], batch: str, dims: dict[str, int] | None 
     return shapes, notes
 
 
-def sample_feeds(inputs: list[TensorMeta], seed: int = 0) -> dict[str, np.ndarray]:
-    """Random feeds of the given static shapes (dynamic dims as 1): for smoke runs and benchmarks."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for m in inputs:
-        shape = tuple(d if isinstance(d, int) else 1 for d in m.shape)
-        dt = np.dtype(m.dtype)
-        feeds[m.name] = (rng.standard_normal(shape).astype(dt) if np.issubdtype(dt, np.floating)
-                         else np.zeros(shape, dtype=dt))
-    return feeds
+def x86_cpu_scheme(runtime: str) -> Int8Scheme:
+    """U8S8 on this machine's CPU; 7-bit weights where it has no VNNI (U8S8 saturation)."""
+    if x86_without_vnni():
+        return Int8Scheme(types="u8s8", reduce_range=True, reason=(
+            f"{runtime} on this x86 CPU without VNNI: unsigned activations + signed weights, weights in 7 bits "
+            "(reduce_range) because U8S8 kernels without VNNI saturate (measured: 30 output steps off OpenVINO "
+            "on the demo with 8-bit weights, 1 step with 7-bit)"))
+    return Int8Scheme(types="u8s8", reason=(
+        f"{runtime} on an x86 CPU: unsigned activations + signed weights map onto VNNI kernels; measured, signed "
+        "activations left ops unfused and ran no faster than FP32"))
 
 
 # ---------------------------------------------------------------- runner
@@ -426,7 +334,11 @@ class Backend(ABC):
     """One runtime. Subclasses import their SDK inside methods, never at module level."""
 
     name: ClassVar[str]
+    # Capabilities: what the stages ask of a backend instead of comparing its name.
     compiles: ClassVar[bool] = True  # False: a static check only ("declared")
+    measures_latency: ClassVar[bool] = True  # can time the model on this machine
+    ships_compiled_form: ClassVar[bool] = True  # the bundle carries its prepared form (IR, engine)
+    default_device_stage: ClassVar[bool] = False  # the default on-device INT8 stage of four-way validation
 
     # -- what it is --------------------------------------------------------
     @abstractmethod
@@ -444,6 +356,11 @@ class Backend(ABC):
     def version(self) -> str:
         """Toolchain version (part of the compile-check cache key)."""
         return ""
+
+    def int8_scheme(self, target) -> Int8Scheme:
+        """The INT8 types this target's kernels want (default: symmetric signed, what accelerators take)."""
+        return Int8Scheme(types="s8s8", reason=f"{self.name}: accelerator INT8 kernels take symmetric signed "
+                                               "activations and weights")
 
     # -- deployable form and runner ---------------------------------------
     @abstractmethod

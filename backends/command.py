@@ -23,8 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from backends.base import Backend, PreparedModel, Runner, RunnerError, graph_inputs, load_onnx
-from edgeq.errors import SpecError, TransientError
+from edgeq.backends.base import Backend, Int8Scheme, PreparedModel, Runner
+from edgeq.core.errors import RunnerError
+from edgeq.core.onnx_graph import graph_inputs, load_onnx
+from edgeq.core.errors import SpecError, TransientError
 
 EX_TEMPFAIL = 75
 
@@ -78,10 +80,14 @@ class CommandBackend(Backend):
     def availability(self, device: str = "cpu") -> tuple[bool, str]:
         return True, ""  # the program is checked per target, in prepare
 
+    def int8_scheme(self, target) -> Int8Scheme:
+        return Int8Scheme(types="u8s8", reason="an external device program: unsigned activations + signed weights "
+                                               "(what CPU INT8 kernels take); set quantization.types for your board")
+
     def max_opset(self, target=None) -> int:
         if target is not None and target.max_opset:
             return target.max_opset
-        from backends import get_backend
+        from edgeq.backends import get_backend
 
         return get_backend("onnxruntime").max_opset()
 

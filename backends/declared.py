@@ -15,9 +15,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from backends.base import Backend, CompileReport, PreparedModel, Runner, fix_batch, graph_inputs
-from edgeq.errors import EdgeqError, SpecError
-from edgeq.store import sha256_file
+from edgeq.backends.base import Backend, CompileReport, Int8Scheme, PreparedModel, Runner, fix_batch
+from edgeq.core.onnx_graph import graph_inputs
+from edgeq.core.errors import EdgeqError, SpecError
+from edgeq.core.store import sha256_file
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 
@@ -88,6 +89,11 @@ def profile_fingerprint(target) -> str | None:
 class DeclaredBackend(Backend):
     name = "declared"
     compiles = False
+    measures_latency = False
+    ships_compiled_form = False  # compiled with the vendor toolchain, outside edgeq
+
+    def int8_scheme(self, target) -> Int8Scheme:
+        return Int8Scheme(types="s8s8", reason="vendor NPU compilers (declared targets) expect symmetric signed INT8")
 
     def availability(self, device: str = "cpu") -> tuple[bool, str]:
         return True, ""  # a static check runs anywhere

@@ -13,21 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from backends.base import (
-    Backend,
-    PreparedModel,
-    Runner,
-    TensorMeta,
-    UnsupportedOp,
-    default_threads,
-    fix_batch,
-    graph_inputs,
-    iter_nodes,
-    load_onnx,
-    node_label,
-    onnx_precision,
-)
-from edgeq.errors import EdgeqError
+from edgeq.backends.base import Backend, Int8Scheme, PreparedModel, Runner, UnsupportedOp, default_threads, fix_batch, x86_cpu_scheme
+from edgeq.core.onnx_graph import TensorMeta, graph_inputs, iter_nodes, load_onnx, node_label, onnx_precision
+from edgeq.core.errors import EdgeqError
 
 # Highest opset each ONNX Runtime release implements (ONNX Runtime's compatibility table).
 _ORT_MAX_OPSET = {(1, 20): 21, (1, 21): 22, (1, 22): 22, (1, 23): 23}
@@ -107,6 +95,7 @@ class OnnxRuntimeRunner(Runner):
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    ships_compiled_form = False  # the bundle's INT8 ONNX model is what it runs
 
     def availability(self, device: str = "cpu") -> tuple[bool, str]:
         try:
@@ -126,6 +115,12 @@ class OnnxRuntimeBackend(Backend):
         import onnxruntime as ort
 
         return f"onnxruntime {ort.__version__}"
+
+    def int8_scheme(self, target) -> Int8Scheme:
+        if target.device == "cpu":
+            return x86_cpu_scheme("ONNX Runtime")
+        return Int8Scheme(types="s8s8", reason=f"ONNX Runtime on {target.device}: GPU INT8 kernels take symmetric "
+                                               "signed activations and weights")
 
     def max_opset(self, target=None) -> int:
         import onnxruntime as ort

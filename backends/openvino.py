@@ -19,19 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from backends.base import (
-    Backend,
-    PreparedModel,
-    Runner,
-    TensorMeta,
-    UnsupportedOp,
-    fix_batch,
-    graph_inputs,
-    iter_nodes,
-    load_onnx,
-    node_label,
-    onnx_precision,
-)
+from edgeq.backends.base import Backend, Int8Scheme, PreparedModel, Runner, UnsupportedOp, fix_batch, x86_cpu_scheme
+from edgeq.core.onnx_graph import TensorMeta, graph_inputs, iter_nodes, load_onnx, node_label, onnx_precision
 
 # target precision -> OpenVINO inference precision hint. An int8 target runs a quantized model: its
 # quantized layers run int8 from the model itself; the hint pins everything else to f32.
@@ -91,6 +80,7 @@ class OpenVinoRunner(Runner):
 
 class OpenVinoBackend(Backend):
     name = "openvino"
+    default_device_stage = True
 
     def availability(self, device: str = "cpu") -> tuple[bool, str]:
         try:
@@ -106,6 +96,11 @@ class OpenVinoBackend(Backend):
         import openvino as ov
 
         return f"openvino {ov.__version__}"
+
+    def int8_scheme(self, target) -> Int8Scheme:
+        if target.device == "cpu":
+            return x86_cpu_scheme("OpenVINO CPU")
+        return super().int8_scheme(target)
 
     def max_opset(self, target=None) -> int:
         # The OpenVINO 2025/2026 ONNX frontend reads opsets up to 22 (its documented support range).

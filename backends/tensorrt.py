@@ -19,19 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from backends.base import (
-    Backend,
-    PreparedModel,
-    Runner,
-    TensorMeta,
-    UnsupportedOp,
-    fix_batch,
-    graph_inputs,
-    iter_nodes,
-    load_onnx,
-    node_label,
-)
-from edgeq.errors import EdgeqError
+from edgeq.backends.base import Backend, PreparedModel, Runner, UnsupportedOp, fix_batch
+from edgeq.core.onnx_graph import TensorMeta, graph_inputs, iter_nodes, load_onnx, node_label
+from edgeq.core.errors import EdgeqError
 
 # The TensorRT 10 ONNX parser reads opsets 9..20 (onnx-tensorrt's support matrix); a constant, so
 # choosing the export opset never imports tensorrt.

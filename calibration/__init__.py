@@ -2,7 +2,7 @@
 
 Quantization uses::
 
-    from calibration import open_calibration
+    from edgeq.calibration import open_calibration
     reader = open_calibration(cfg.store_url, "latest", model=cfg.model.name)  # or a version id
     quantize_static(..., calibration_data_reader=reader)    # ONNX Runtime
     nncf.quantize(model, reader.as_nncf_dataset())          # NNCF
@@ -10,13 +10,13 @@ Quantization uses::
 A candidate or rejected version raises `NotApproved`; an unknown one `VersionNotFound`.
 """
 
-from calibration.ingest import CalibrationError
-from calibration.versions import CalibrationVersion, NotApproved, VersionNotFound, get_approved, list_versions, load_version
+from edgeq.calibration.ingest import CalibrationError
+from edgeq.calibration.versions import CalibrationVersion, NotApproved, VersionNotFound, get_approved, list_versions, load_version
 
 
 def open_calibration(*args, **kwargs):
     """See `calibration.readers.open_calibration` (imported on use: it loads ONNX Runtime)."""
-    from calibration.readers import open_calibration as _open
+    from edgeq.calibration.readers import open_calibration as _open
 
     return _open(*args, **kwargs)
 

@@ -16,9 +16,9 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from edgeq.data import pixel_hash, read_image, read_table, resolve_inside
-from edgeq.errors import EdgeqError, SpecError
-from edgeq.specs import CaptureSpec
+from edgeq.core.data import pixel_hash, read_image, read_table, resolve_inside
+from edgeq.core.errors import EdgeqError, SpecError
+from edgeq.core.specs import CaptureSpec
 
 Progress = Callable[[int, int], None]
 

@@ -11,9 +11,9 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
-from calibration.ingest import open_npy
-from calibration.versions import CalibrationVersion, get_approved
-from edgeq.store import ArtifactStore
+from edgeq.calibration.ingest import open_npy
+from edgeq.calibration.versions import CalibrationVersion, get_approved
+from edgeq.core.store import ArtifactStore
 
 
 class CalibrationSet(CalibrationDataReader):

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
-from calibration.select import stratum_keys, usable
+from edgeq.calibration.select import stratum_keys, usable
 
 
 class StratumRow(BaseModel):

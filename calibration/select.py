@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from calibration.ingest import CalibrationError
+from edgeq.calibration.ingest import CalibrationError
 
 # Signatures are small grayscale images: cheap to compare, and a resize or re-encode barely moves them.
 _SIG = 16
@@ -138,8 +138,8 @@ def dedupe(table: pd.DataFrame, pixels: np.ndarray) -> pd.DataFrame:
 
 def read_manifest_hashes(path) -> set[str]:
     """The ``sha256`` column of a train/test manifest (Parquet or CSV)."""
-    from edgeq.data import read_table
-    from edgeq.errors import SpecError
+    from edgeq.core.data import read_table
+    from edgeq.core.errors import SpecError
 
     t = read_table(path)
     if "sha256" not in t.columns:

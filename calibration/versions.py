@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from calibration.ingest import CalibrationError
-from edgeq.store import ArtifactRef, ArtifactStore, sha256_json
+from edgeq.calibration.ingest import CalibrationError
+from edgeq.core.store import ArtifactRef, ArtifactStore, sha256_json
 
 Status = Literal["candidate", "approved", "rejected"]
 _PREFIX = "calibration"

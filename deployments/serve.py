@@ -7,11 +7,9 @@ calibration-approval trigger) from this one process with `prefect.serve`. Point 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
 PREFECT_YAML = Path(__file__).resolve().parent / "prefect.yaml"
 
 
@@ -47,8 +45,7 @@ def runner_deployments(prefect_yaml: Path = PREFECT_YAML) -> list[Any]:
 
 
 def main() -> None:
-    sys.path.insert(0, str(REPO))
-    from edgeq.quiet import quiet_environment
+    from edgeq.core.quiet import quiet_environment
 
     quiet_environment()
     from prefect import serve

@@ -18,8 +18,8 @@ import onnx
 import torch
 from pydantic import BaseModel, Field
 
-from edgeq.errors import ExportError, GateError, SpecError
-from edgeq.specs import InputSpec, ModelSpec, TargetSpec
+from edgeq.core.errors import ExportError, GateError, SpecError
+from edgeq.core.specs import InputSpec, ModelSpec, TargetSpec
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
                  "uint8": np.uint8, "bool": np.bool_}
@@ -89,7 +89,7 @@ ONNX_EXPORT_LOCK = threading.RLock()
 # ---------------------------------------------------------------- opset
 def choose_opset(targets: list[TargetSpec]) -> tuple[int, str]:
     """The lowest maximum opset among the targets, and which target set it."""
-    from backends import get_backend
+    from edgeq.backends import get_backend
 
     limits = []
     for t in targets:
@@ -286,7 +286,7 @@ _CONTROL_FLOW_NOTE = {
 
 def hold_against_targets(findings: list[Finding], targets: list[TargetSpec]) -> list[TargetSupport]:
     """For each finding and target: can that target run it?"""
-    from backends import get_backend
+    from edgeq.backends import get_backend
 
     rows = []
     for t in targets:

@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from edgeq import PIPELINE_VERSION, __version__
-from edgeq.errors import GateError
-from edgeq.specs import EdgeqConfig
-from edgeq.store import ArtifactStore, sha256_file, sha256_json
+from edgeq.core.errors import GateError
+from edgeq.core.platform import cpu_isa
+from edgeq.core.specs import EdgeqConfig
+from edgeq.core.store import ArtifactStore, sha256_file, sha256_json
 
 _TOOLS = ("torch", "onnx", "onnxruntime", "openvino", "nncf", "prefect", "onnxscript", "numpy")
-_ISA = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
-        "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile", "neon", "asimd", "asimddp", "sve")
 
 
 def toolchain_versions() -> dict[str, str]:
@@ -37,19 +36,6 @@ def toolchain_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
-
-
-def cpu_isa() -> dict[str, Any]:
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags |= set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    return {"machine": platform.machine(), "processor": platform.processor(),
-            "isa": sorted(f for f in _ISA if f in flags)}
 
 
 def bundle_identity(cfg: EdgeqConfig, int8_sha256: str, forms: dict[str, list[str]], lineage: dict[str, Any]) -> str:
@@ -66,7 +52,7 @@ def publish_bundle(cfg: EdgeqConfig, int8_onnx: Path, lineage: dict[str, Any], m
     """Write the bundle; returns the manifest. Refuses unless every gate passed."""
     if not gates_passed:
         raise GateError("do not ship: a gate failed, nothing was published")
-    from backends import get_backend
+    from edgeq.backends import get_backend
 
     store = ArtifactStore(cfg.store_url)
     with tempfile.TemporaryDirectory() as tmp:

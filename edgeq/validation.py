@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from edgeq.quiet import muted_output
+from edgeq.core.quiet import muted_output
 from pydantic import BaseModel, Field
 
-from edgeq.data import pixel_hash
-from edgeq.errors import GateError, SpecError
-from edgeq.metrics import score
-from edgeq.specs import EdgeqConfig, TargetSpec
+from edgeq.core.data import pixel_hash
+from edgeq.core.errors import GateError, SpecError
+from edgeq.core.metrics import score
+from edgeq.core.specs import EdgeqConfig, TargetSpec
 
 STAGES = ("PyTorch FP32", "ONNX FP32", "ONNX INT8", "device INT8")
 
@@ -111,8 +111,8 @@ def torch_latency(model: torch.nn.Module, sample: np.ndarray, iters: int) -> flo
 def run_target(path: Path, target: TargetSpec, x: np.ndarray, input_name: str, output_name: str,
                iters: int) -> tuple[np.ndarray, float, str]:
     """Outputs sample by sample (static batch 1), batch-1 latency, and the precision that really ran."""
-    from backends import get_backend
-    from backends.base import benchmark
+    from edgeq.backends import get_backend
+    from edgeq.backends.base import benchmark
 
     backend = get_backend(target.backend)
     ok, why = backend.availability(target.device)
@@ -190,7 +190,7 @@ def validate_four_way(cfg: EdgeqConfig, model: torch.nn.Module, fp32_onnx: Path,
                       calibration_version: str, opset: int) -> ValidationReport:
     """Run the four stages and every gate; returns the report (check `.passed`)."""
     from edgeq.export import run_onnx
-    from edgeq.specs import TargetSpec as _T
+    from edgeq.core.specs import TargetSpec as _T
 
     spec, th = cfg.model, cfg.thresholds
     inp, outn = spec.inputs[0].name, spec.outputs[0]
@@ -204,8 +204,8 @@ def validate_four_way(cfg: EdgeqConfig, model: torch.nn.Module, fp32_onnx: Path,
     o32 = run_onnx(fp32_onnx, x, inp, outn)
     o8 = run_onnx(int8_onnx, x, inp, outn)
     dev, dev_ms, dev_prec = run_target(int8_onnx, device, x, inp, outn, iters)
-    from backends import get_backend
-    from backends.base import benchmark
+    from edgeq.backends import get_backend
+    from edgeq.backends.base import benchmark
 
     lat = {}
     for name, path in (("ONNX FP32", fp32_onnx), ("ONNX INT8", int8_onnx)):

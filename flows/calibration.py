@@ -10,11 +10,11 @@ from prefect.exceptions import FlowPauseTimeout
 from prefect.input import RunInput
 from pydantic import BaseModel, Field
 
-from calibration.versions import CalibrationVersion, Review, load_version, record_decision, set_review
-from calibration.versions import now as utc_now
-from edgeq.config import load_prepared
-from edgeq.store import ArtifactStore
-from tasks.calibration import (
+from edgeq.calibration.versions import CalibrationVersion, Review, load_version, record_decision, set_review
+from edgeq.calibration.versions import now as utc_now
+from edgeq.core.config import load_prepared
+from edgeq.core.store import ArtifactStore
+from edgeq.tasks.calibration import (
     augmentation_task,
     candidate_task,
     capture_spec,

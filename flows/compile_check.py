@@ -5,9 +5,9 @@ from __future__ import annotations
 from prefect import flow, unmapped
 from pydantic import BaseModel, Field
 
-from edgeq.config import load_prepared
-from flows.export import run_export_stage
-from tasks.compile_check import (
+from edgeq.core.config import load_prepared
+from edgeq.flows.export import run_export_stage
+from edgeq.tasks.compile_check import (
     BenchSettings,
     CompileMatrix,
     compile_check_task,

@@ -11,15 +11,15 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field
 
-from edgeq.config import load_prepared, prepare
-from edgeq.errors import SpecError
-from edgeq.specs import EdgeqConfig
-from edgeq.store import sha256_file
-from flows.compile_check import run_compile_check_stage
-from flows.export import run_export_stage
-from flows.quantize import run_quantize_stage
-from tasks.publish import publish_task
-from tasks.validate import ValidateResult, publish_validation, validate_task
+from edgeq.core.config import load_prepared, prepare
+from edgeq.core.errors import SpecError
+from edgeq.core.specs import EdgeqConfig
+from edgeq.core.store import sha256_file
+from edgeq.flows.compile_check import run_compile_check_stage
+from edgeq.flows.export import run_export_stage
+from edgeq.flows.quantize import run_quantize_stage
+from edgeq.tasks.publish import publish_task
+from edgeq.tasks.validate import ValidateResult, publish_validation, validate_task
 
 
 class ConvertParams(BaseModel):
@@ -73,8 +73,8 @@ def convert_model(params: ConvertParams = ConvertParams()) -> dict[str, Any]:
     runs one conversion at a time (deployments/prefect.yaml). No global lock is held here: on a temporary
     (ephemeral) Prefect server nothing reclaims the slot of a killed process, so a crash would block the model.
     """
-    from calibration.versions import load_version
-    from edgeq.store import ArtifactStore
+    from edgeq.calibration.versions import load_version
+    from edgeq.core.store import ArtifactStore
 
     cfg = resolve_config(params)
     logger = get_run_logger()

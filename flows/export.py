@@ -5,9 +5,9 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel, Field
 
-from edgeq.config import load_prepared
-from edgeq.store import ArtifactStore
-from tasks.export import ExportResult, export_task, publish_export_report
+from edgeq.core.config import load_prepared
+from edgeq.core.store import ArtifactStore
+from edgeq.tasks.export import ExportResult, export_task, publish_export_report
 
 
 class ExportParams(BaseModel):

@@ -6,7 +6,7 @@ as submitted tasks: with the thread runner they share one process; with the Dask
 the pipeline's own cached tasks, so results and cache keys are the same whichever runner ran them, and with
 the artifact store and Prefect's result storage on shared storage, any worker reuses any other's results.
 
-    from flows.fanout import FanoutParams, run_fanout
+    from edgeq.flows.fanout import FanoutParams, run_fanout
     run_fanout(FanoutParams(configs=["a.yaml", "b.yaml"], runner="dask", workers=2))
 """
 
@@ -18,9 +18,9 @@ from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
-from edgeq.config import load_prepared
-from tasks.compile_check import BenchSettings, CompileMatrix, compile_check_task, gate_required_targets
-from tasks.export import export_task
+from edgeq.core.config import load_prepared
+from edgeq.tasks.compile_check import BenchSettings, CompileMatrix, compile_check_task, gate_required_targets
+from edgeq.tasks.export import export_task
 
 
 class FanoutParams(BaseModel):
@@ -53,7 +53,7 @@ def task_runner(params: FanoutParams):
 @flow(name="fanout", log_prints=True)
 def fanout(params: FanoutParams) -> list[dict[str, Any]]:
     """One row per model: the FP32 and (stage 'quantize') INT8 sha256, and each target's compile status."""
-    from tasks.quantize import approved_version_id, quantize_task
+    from edgeq.tasks.quantize import approved_version_id, quantize_task
 
     cfgs = [load_prepared(c) for c in params.configs]
     bench = BenchSettings(warmup=params.warmup, iters=params.iters)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel, Field
 
-from edgeq.config import load_prepared
-from edgeq.store import ArtifactStore
-from flows.compile_check import run_compile_check_stage
-from flows.export import run_export_stage
-from tasks.quantize import QuantizeResult, approved_version_id, publish_quantization, quantize_task
+from edgeq.core.config import load_prepared
+from edgeq.core.store import ArtifactStore
+from edgeq.flows.compile_check import run_compile_check_stage
+from edgeq.flows.export import run_export_stage
+from edgeq.tasks.quantize import QuantizeResult, approved_version_id, publish_quantization, quantize_task
 
 
 class QuantizeParams(BaseModel):

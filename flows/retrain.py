@@ -17,12 +17,12 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
-from edgeq.config import load_prepared
-from edgeq.errors import EdgeqError, SpecError
-from edgeq.orchestration import code_fingerprint, content_key, retry_transient, split_fingerprint
-from edgeq.specs import EdgeqConfig, TrainingSpec, load_object
-from edgeq.store import ArtifactRef, ArtifactStore
-from flows.convert import ConvertParams, convert_model
+from edgeq.core.config import load_prepared
+from edgeq.core.errors import EdgeqError, SpecError
+from edgeq.tasks.caching import code_fingerprint, content_key, retry_transient, split_fingerprint
+from edgeq.core.specs import EdgeqConfig, TrainingSpec, load_object
+from edgeq.core.store import ArtifactRef, ArtifactStore
+from edgeq.flows.convert import ConvertParams, convert_model
 
 
 class RetrainParams(BaseModel):
@@ -49,24 +49,6 @@ class RetrainResult(BaseModel):
     calibration_version: str
     train_seconds: float
     message: str
-
-
-# -- the demo trainer (the default entrypoint) ------------------------------------------------------------
-
-def train_digits_demo(config: EdgeqConfig, epochs: int = 40, seed: int = 0):
-    """Train the demo's DigitsNet from scratch on the config's training split (a few seconds on 2 cores)."""
-    import numpy as np
-
-    from edgeq.data import load_split
-    from edgeq.demo import train_digits_net
-
-    if config.data.train is None:
-        raise SpecError("the demo trainer needs data.train in the config (the training split)")
-    x, y = load_split(config.data.train, config.data.preprocess)
-    if y is None:
-        raise SpecError(f"the demo trainer needs labels: data.train ({config.data.train.path}) has no 'y'")
-    return train_digits_net(x, y.astype(np.int64), epochs=epochs, seed=seed,
-                            width=int(config.model.kwargs.get("width", 16)))
 
 
 # -- training as a plain function, then a cached task ----------------------------------------------------

@@ -16,7 +16,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
-from calibration.ingest import (
+from edgeq.calibration.ingest import (
     CalibrationError,
     array_to_npy,
     ingest_captures,
@@ -24,8 +24,8 @@ from calibration.ingest import (
     read_parquet_bytes,
     table_to_parquet,
 )
-from calibration.report import CoverageReport, coverage_markdown, coverage_report, histogram_png
-from calibration.select import (
+from edgeq.calibration.report import CoverageReport, coverage_markdown, coverage_report, histogram_png
+from edgeq.calibration.select import (
     dedupe,
     exclude_leakage,
     read_manifest_hashes,
@@ -33,13 +33,13 @@ from calibration.select import (
     stratified_sample,
     usable,
 )
-from calibration.versions import CalibrationVersion, version_id, write_candidate
-from calibration.versions import now as utc_now
-from edgeq.data import load_raw, pixel_hash, preprocess
-from edgeq.errors import SpecError
-from edgeq.orchestration import content_key, retry_transient
-from edgeq.specs import CaptureSpec, EdgeqConfig
-from edgeq.store import ArtifactRef, ArtifactStore, sha256_file, sha256_json
+from edgeq.calibration.versions import CalibrationVersion, version_id, write_candidate
+from edgeq.calibration.versions import now as utc_now
+from edgeq.core.data import load_raw, pixel_hash, preprocess
+from edgeq.core.errors import SpecError
+from edgeq.tasks.caching import content_key, retry_transient
+from edgeq.core.specs import CaptureSpec, EdgeqConfig
+from edgeq.core.store import ArtifactRef, ArtifactStore, sha256_file, sha256_json
 
 
 class PoolState(BaseModel):
@@ -279,7 +279,7 @@ def dedupe_task(cfg: EdgeqConfig, state: PoolState) -> PoolState:
 
 
 def _split_key(cfg: EdgeqConfig) -> Any:
-    from edgeq.orchestration import split_fingerprint
+    from edgeq.tasks.caching import split_fingerprint
 
     files = [cfg.data.train_manifest, cfg.data.test_manifest]
     return [split_fingerprint(cfg.data.train), split_fingerprint(cfg.data.test),

@@ -9,13 +9,13 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field
 
-from backends import get_backend
-from backends.base import CompileReport
-from backends.declared import profile_fingerprint
-from edgeq.errors import EdgeqError, GateError
-from edgeq.orchestration import content_key, retry_transient
-from edgeq.specs import TargetSpec
-from edgeq.store import ArtifactRef, ArtifactStore
+from edgeq.backends import get_backend
+from edgeq.backends.base import CompileReport
+from edgeq.backends.declared import profile_fingerprint
+from edgeq.core.errors import EdgeqError, GateError
+from edgeq.tasks.caching import content_key, retry_transient
+from edgeq.core.specs import TargetSpec
+from edgeq.core.store import ArtifactRef, ArtifactStore
 
 MATRIX_COLUMNS = ["target", "backend", "status", "unsupported ops", "control flow", "opset", "precision", "layout",
                   "batch", "compile s", "latency median ms", "latency p90 ms", "threads", "required", "reason"]

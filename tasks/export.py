@@ -9,13 +9,13 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
-from edgeq.data import load_split
-from edgeq.errors import GateError
+from edgeq.core.data import load_split
+from edgeq.core.errors import GateError
 from edgeq.export import ExportReport, choose_opset, run_export
-from edgeq.modeling import build_model
-from edgeq.orchestration import code_fingerprint, content_key, retry_transient, split_fingerprint
-from edgeq.specs import EdgeqConfig
-from edgeq.store import ArtifactRef, ArtifactStore, sha256_file
+from edgeq.core.modeling import build_model
+from edgeq.tasks.caching import code_fingerprint, content_key, retry_transient, split_fingerprint
+from edgeq.core.specs import EdgeqConfig
+from edgeq.core.store import ArtifactRef, ArtifactStore, sha256_file
 
 
 class ExportResult(BaseModel):

@@ -9,13 +9,13 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
-from edgeq.data import load_split
-from edgeq.errors import GateError
-from edgeq.modeling import build_model
-from edgeq.orchestration import code_fingerprint, content_key, retry_transient, split_fingerprint
+from edgeq.core.data import load_split
+from edgeq.core.errors import GateError
+from edgeq.core.modeling import build_model
+from edgeq.tasks.caching import code_fingerprint, content_key, retry_transient, split_fingerprint
 from edgeq.quantization.escalate import QuantizationReport, format_attempts, run_quantization
-from edgeq.specs import EdgeqConfig
-from edgeq.store import ArtifactRef, ArtifactStore, sha256_file
+from edgeq.core.specs import EdgeqConfig
+from edgeq.core.store import ArtifactRef, ArtifactStore, sha256_file
 
 
 class QuantizeResult(BaseModel):
@@ -25,7 +25,7 @@ class QuantizeResult(BaseModel):
 
 def resolve_calibration(cfg: EdgeqConfig, version: str | None = None):
     """The approved calibration set (reader) named by `version`, the config, or 'latest' for this model."""
-    from calibration.readers import open_calibration
+    from edgeq.calibration.readers import open_calibration
 
     return open_calibration(cfg.store_url, version or cfg.quantization.calibration, model=cfg.model.name,
                             input_name=cfg.model.inputs[0].name)
@@ -34,7 +34,7 @@ def resolve_calibration(cfg: EdgeqConfig, version: str | None = None):
 def approved_version_id(cfg: EdgeqConfig, version: str | None = None) -> str:
     """The id of the approved version named by `version` (or 'latest'), from its record alone: refuses a candidate
     or rejected version before any work, without reading (and hashing) the samples as the reader does."""
-    from calibration.versions import get_approved
+    from edgeq.calibration.versions import get_approved
 
     return get_approved(ArtifactStore(cfg.store_url), version or cfg.quantization.calibration,
                         model=cfg.model.name).version

@@ -6,12 +6,12 @@ from prefect import task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
-from edgeq.data import load_raw, load_split, read_table
-from edgeq.errors import GateError
-from edgeq.modeling import build_model
-from edgeq.orchestration import content_key, retry_transient, split_fingerprint
-from edgeq.specs import EdgeqConfig
-from edgeq.store import ArtifactRef, ArtifactStore
+from edgeq.core.data import load_raw, load_split, read_table
+from edgeq.core.errors import GateError
+from edgeq.core.modeling import build_model
+from edgeq.tasks.caching import content_key, retry_transient, split_fingerprint
+from edgeq.core.specs import EdgeqConfig
+from edgeq.core.store import ArtifactRef, ArtifactStore
 from edgeq.validation import ValidationReport, chart_png, check_disjoint, format_table, png_data_uri, validate_four_way
 
 
@@ -27,7 +27,7 @@ def validate_to_store(cfg: EdgeqConfig, fp32: ArtifactRef, int8: ArtifactRef, ca
 
     Raises GateError ("do not ship") naming every failed gate; the report rides on the exception.
     """
-    from calibration.versions import load_version
+    from edgeq.calibration.versions import load_version
 
     store = ArtifactStore(cfg.store_url)
     version = load_version(store, calibration_version)
@@ -35,7 +35,7 @@ def validate_to_store(cfg: EdgeqConfig, fp32: ArtifactRef, int8: ArtifactRef, ca
     raw, _ = load_raw(cfg.data.test)
     check_disjoint(raw, set(manifest["sha256"]), calibration_version)
     test = load_split(cfg.data.test, cfg.data.preprocess)
-    from calibration.ingest import open_npy
+    from edgeq.calibration.ingest import open_npy
 
     calib = open_npy(store.local_path(version.artifacts["samples"]))
     report = validate_four_way(cfg, build_model(cfg.model), store.local_path(fp32), store.local_path(int8), test,

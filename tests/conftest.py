@@ -15,7 +15,7 @@ _SESSION_TMP = Path(tempfile.mkdtemp(prefix="edgeq-tests-"))
 os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(_SESSION_TMP / "prefect-results"))
 os.environ.setdefault("PREFECT_HOME", str(_SESSION_TMP / "prefect-home"))
 
-from edgeq.quiet import quiet_environment  # noqa: E402
+from edgeq.core.quiet import quiet_environment  # noqa: E402
 
 quiet_environment()
 
@@ -65,7 +65,7 @@ def demo_config_path(demo_root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_cfg(demo_config_path: Path):
-    from edgeq.config import load_prepared
+    from edgeq.core.config import load_prepared
 
     return load_prepared(demo_config_path)
 
@@ -73,14 +73,14 @@ def demo_cfg(demo_config_path: Path):
 @pytest.fixture(scope="session")
 def demo_export(demo_cfg):
     """The demo model exported once per session (plain function, no Prefect)."""
-    from tasks.export import export_to_store
+    from edgeq.tasks.export import export_to_store
 
     return export_to_store(demo_cfg)
 
 
 @pytest.fixture(scope="session")
 def demo_onnx_path(demo_cfg, demo_export) -> Path:
-    from edgeq.store import ArtifactStore
+    from edgeq.core.store import ArtifactStore
 
     return ArtifactStore(demo_cfg.store_url).local_path(demo_export.onnx)
 
@@ -91,8 +91,8 @@ def paused_review(store_url: str, timeout: float = 120):
 
     from prefect.client.orchestration import get_client
 
-    from calibration.versions import list_versions
-    from edgeq.store import ArtifactStore
+    from edgeq.calibration.versions import list_versions
+    from edgeq.core.store import ArtifactStore
 
     store = ArtifactStore(store_url)
     deadline = time.monotonic() + timeout
@@ -111,7 +111,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 # --- issue 8: the bad-input catalogue's size in the summary (tests/reliability/test_bad_input_catalogue.py).
-# A hook here, not in a tests/reliability/conftest.py: a second `conftest` module would shadow `from conftest import`.
+# A hook here, not in a tests/reliability/conftest.py: a second `conftest` module would shadow `from tests.conftest import`.
 def pytest_terminal_summary(terminalreporter):
     reports = [r for key in ("passed", "failed") for r in terminalreporter.stats.get(key, [])
                if getattr(r, "when", "") == "call" and "test_bad_input_catalogue.py::" in r.nodeid]

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import write_config
+from tests.conftest import write_config
 from edgeq.cli import app
 
 
@@ -65,7 +65,7 @@ def test_demo_command_converts_and_publishes_then_reruns_from_cache(prefect_serv
     assert asyncio.run(published_events()), "no edgeq.model.published event for the bundle"
 
     # Nothing changed: every cached stage is a cache hit, and the same bundle comes back.
-    from flows.convert import ConvertParams, convert_model
+    from edgeq.flows.convert import ConvertParams, convert_model
 
     state = convert_model(ConvertParams(config=str(convert_config)), return_state=True)
     assert state.is_completed() and state.result()["bundle_id"] == manifest["bundle_id"]

@@ -9,11 +9,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import write_config
-from edgeq.config import load_prepared
-from edgeq.errors import ExportError, GateError, SpecError
-from edgeq.store import ArtifactStore
-from tasks.export import export_to_store
+from tests.conftest import write_config
+from edgeq.core.config import load_prepared
+from edgeq.core.errors import ExportError, GateError, SpecError
+from edgeq.core.store import ArtifactStore
+from edgeq.tasks.export import export_to_store
 
 
 # Runtimes that read opset 18+, so the torch.export-based exporter is used (the demo's declared target caps at 17).
@@ -87,7 +87,7 @@ def test_pickle_with_code_is_refused_and_never_runs(tmp_path, demo_root):
 
 
 def test_plain_state_dict_pt_is_accepted(tmp_path, demo_root, demo_cfg):
-    from edgeq.modeling import build_model
+    from edgeq.core.modeling import build_model
 
     weights = tmp_path / "sd.pt"
     torch.save(build_model(demo_cfg.model).state_dict(), weights)
@@ -102,7 +102,7 @@ def test_input_shape_the_data_does_not_fit(tmp_path, demo_root):
 
 
 def test_input_shape_the_model_rejects(tmp_path, demo_root):
-    data = {"kind": "loader", "loader": "edgeq_testmodels:three_channel_digits",
+    data = {"kind": "loader", "loader": "tests.edgeq_testmodels:three_channel_digits",
             "kwargs": {"path": str(demo_root / "test.npz")}}
     path = write_config(tmp_path, demo_root)
     d = yaml.safe_load(path.read_text())
@@ -115,21 +115,21 @@ def test_input_shape_the_model_rejects(tmp_path, demo_root):
 
 
 def test_tensor_dependent_control_flow_is_named(tmp_path, demo_root):
-    cfg = _cfg(tmp_path, demo_root, model={"factory": "edgeq_testmodels:tensor_if"}, targets=MODERN)
+    cfg = _cfg(tmp_path, demo_root, model={"factory": "tests.edgeq_testmodels:tensor_if"}, targets=MODERN)
     with pytest.raises(ExportError, match="tensor-dependent Python control flow.*torch.cond"):
         export_to_store(cfg)
     assert _store_files(cfg) == []
 
 
 def test_tensor_dependent_control_flow_traced_is_refused(tmp_path, demo_root):
-    cfg = _cfg(tmp_path, demo_root, model={"factory": "edgeq_testmodels:tensor_if", "exporter": "torchscript"})
+    cfg = _cfg(tmp_path, demo_root, model={"factory": "tests.edgeq_testmodels:tensor_if", "exporter": "torchscript"})
     with pytest.raises(ExportError, match="tracing recorded only the branch.*edgeq_testmodels.py"):
         export_to_store(cfg)
 
 
 def test_torch_cond_exports_an_if_reported_per_target(tmp_path, demo_root):
     # torch.cond needs the torch.export exporter (opset >= 18).
-    cfg = _cfg(tmp_path, demo_root, model={"factory": "edgeq_testmodels:cond_net"}, targets=MODERN)
+    cfg = _cfg(tmp_path, demo_root, model={"factory": "tests.edgeq_testmodels:cond_net"}, targets=MODERN)
     res = export_to_store(cfg)
     ifs = [f for f in res.report.findings if f.op_type == "If"]
     assert len(ifs) == 1 and ifs[0].kind == "control-flow" and ifs[0].node
@@ -139,17 +139,17 @@ def test_torch_cond_exports_an_if_reported_per_target(tmp_path, demo_root):
 
 
 def test_op_without_onnx_symbolic_is_named(tmp_path, demo_root):
-    cfg = _cfg(tmp_path, demo_root, model={"factory": "edgeq_testmodels:no_symbolic"}, targets=MODERN)
+    cfg = _cfg(tmp_path, demo_root, model={"factory": "tests.edgeq_testmodels:no_symbolic"}, targets=MODERN)
     with pytest.raises(ExportError, match="op aten.special_airy_ai.* has no ONNX translation"):
         export_to_store(cfg)
-    cfg = _cfg(tmp_path, demo_root, model={"factory": "edgeq_testmodels:no_symbolic", "exporter": "torchscript"},
+    cfg = _cfg(tmp_path, demo_root, model={"factory": "tests.edgeq_testmodels:no_symbolic", "exporter": "torchscript"},
                targets=[{"name": "old", "backend": "onnxruntime", "max_opset": 17}])
     with pytest.raises(ExportError, match="op aten::special_airy_ai has no ONNX symbolic at opset 17.*custom symbolic"):
         export_to_store(cfg)
 
 
 def test_baked_batch_fails_the_probe_naming_the_axis(tmp_path, demo_root):
-    cfg = _cfg(tmp_path, demo_root, model={"factory": "edgeq_testmodels:baked_batch", "exporter": "torchscript"},
+    cfg = _cfg(tmp_path, demo_root, model={"factory": "tests.edgeq_testmodels:baked_batch", "exporter": "torchscript"},
                targets=[{"name": "old", "backend": "onnxruntime", "max_opset": 17}])
     with pytest.raises(GateError, match=r"dynamic-shape probe: input 'image' axis 0 \('batch'\) at size 1"):
         export_to_store(cfg)
@@ -157,7 +157,7 @@ def test_baked_batch_fails_the_probe_naming_the_axis(tmp_path, demo_root):
 
 
 def test_baked_batch_under_torch_export_names_the_axis(tmp_path, demo_root):
-    cfg = _cfg(tmp_path, demo_root, model={"factory": "edgeq_testmodels:literal_batch"}, targets=MODERN)
+    cfg = _cfg(tmp_path, demo_root, model={"factory": "tests.edgeq_testmodels:literal_batch"}, targets=MODERN)
     with pytest.raises(ExportError, match=r"input 'image' axis 0 \('batch'\) is declared dynamic but the model code fixes it to 2"):
         export_to_store(cfg)
 

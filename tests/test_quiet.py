@@ -1,7 +1,7 @@
 import sys
 import threading
 
-from edgeq.quiet import muted_output
+from edgeq.core.quiet import muted_output
 
 
 def test_muting_in_threads_never_leaves_the_process_silenced(capsys):

@@ -3,9 +3,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edgeq.errors import SpecError
-from edgeq.specs import load_config
-from conftest import write_config
+from edgeq.core.errors import SpecError
+from edgeq.core.specs import load_config
+from tests.conftest import write_config
 
 
 def test_demo_config_loads_with_paths_relative_to_the_file(demo_config_path):

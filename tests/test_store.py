@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from edgeq.store import ArtifactStore, IntegrityError, sha256_bytes
+from edgeq.core.store import ArtifactStore, IntegrityError, sha256_bytes
 
 
 def test_content_addressed_and_idempotent(tmp_path):

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgeq.quiet import quiet_environment
+from edgeq.core.quiet import quiet_environment
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,11 +44,11 @@ def demo_config(folder: Path, demo_root: Path) -> Path:
 
 def prefect_pipeline(config: Path) -> str:
     """What `edgeq demo` does, as flows: the published bundle id."""
-    from calibration.versions import record_decision
-    from edgeq.specs import load_config
-    from edgeq.store import ArtifactStore
-    from flows.calibration import CalibrationParams, build_calibration_set
-    from flows.convert import ConvertParams, convert_model
+    from edgeq.calibration.versions import record_decision
+    from edgeq.core.specs import load_config
+    from edgeq.core.store import ArtifactStore
+    from edgeq.flows.calibration import CalibrationParams, build_calibration_set
+    from edgeq.flows.convert import ConvertParams, convert_model
 
     built = build_calibration_set(CalibrationParams(config=str(config), wait_for_review=False))
     if built.record.status == "candidate":
@@ -58,16 +58,16 @@ def prefect_pipeline(config: Path) -> str:
 
 def plain_pipeline(config: Path) -> str:
     """The same stages as plain functions, in the flows' order, no Prefect."""
-    from calibration.versions import load_version, record_decision
-    from edgeq.config import load_prepared
+    from edgeq.calibration.versions import load_version, record_decision
+    from edgeq.core.config import load_prepared
     from edgeq.publish import publish_bundle
-    from edgeq.store import ArtifactStore
-    from flows.convert import lineage
-    from tasks.calibration import build_calibration_candidate
-    from tasks.compile_check import CompileMatrix, check_target, gate_required_targets
-    from tasks.export import export_to_store
-    from tasks.quantize import quantize_to_store
-    from tasks.validate import validate_to_store
+    from edgeq.core.store import ArtifactStore
+    from edgeq.flows.convert import lineage
+    from edgeq.tasks.calibration import build_calibration_candidate
+    from edgeq.tasks.compile_check import CompileMatrix, check_target, gate_required_targets
+    from edgeq.tasks.export import export_to_store
+    from edgeq.tasks.quantize import quantize_to_store
+    from edgeq.tasks.validate import validate_to_store
 
     cfg = load_prepared(config)
     store = ArtifactStore(cfg.store_url)

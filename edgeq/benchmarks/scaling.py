@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgeq.quiet import quiet_environment
+from edgeq.core.quiet import quiet_environment
 
 WIDTHS = (8, 12, 16, 24)
 
@@ -68,10 +68,10 @@ def _weights(root: Path, folder: Path, width: int) -> Path:
 
 def _seed_store(root: Path, work: Path) -> tuple[Path, str]:
     """A store holding an approved calibration version for the demo model (copied per measurement)."""
-    from calibration.versions import record_decision
-    from edgeq.config import load_prepared
-    from edgeq.store import ArtifactStore
-    from tasks.calibration import build_calibration_candidate
+    from edgeq.calibration.versions import record_decision
+    from edgeq.core.config import load_prepared
+    from edgeq.core.store import ArtifactStore
+    from edgeq.tasks.calibration import build_calibration_candidate
 
     store = work / "seed-store"
     cfg = load_prepared(_config(root, work / "seed", store, 16, root / "digits_cnn.safetensors"))
@@ -82,7 +82,7 @@ def _seed_store(root: Path, work: Path) -> tuple[Path, str]:
 
 
 def _measure(root: Path, work: Path, seed: Path, version: str, n: int, address: str, label: str) -> float:
-    from flows.fanout import FanoutParams, run_fanout
+    from edgeq.flows.fanout import FanoutParams, run_fanout
 
     store = work / f"store-{label}"
     shutil.copytree(seed, store)

@@ -15,13 +15,14 @@ from typing import Any, Callable
 import numpy as np
 from pydantic import BaseModel, Field
 
-from edgeq.errors import GateError, SpecError
+from edgeq.backends import get_backend
+from edgeq.core.errors import GateError, SpecError
 from edgeq.export import run_onnx
-from edgeq.metrics import score
-from edgeq.quantization.policy import PolicyDecision, choose_types, decide
+from edgeq.core.metrics import score
+from edgeq.quantization.policy import PolicyDecision, decide
 from edgeq.quantization.ptq import PTQSettings, preprocess_model, quantize
 from edgeq.quantization.sensitivity import SensitivityRow, sensitivity_table
-from edgeq.specs import EdgeqConfig, TargetSpec
+from edgeq.core.specs import EdgeqConfig, TargetSpec
 
 
 class Latency(BaseModel):
@@ -92,8 +93,8 @@ class QuantizationReport(BaseModel):
 def measure_latency(path: Path, targets: list[TargetSpec], sample: np.ndarray, input_name: str, iters: int) -> list[Latency]:
     """Batch-1 latency of the model at `path` (in `int8_ms`) on every target whose runtime is here; a target
     that cannot run it says why."""
-    from backends import get_backend
-    from backends.base import benchmark
+    from edgeq.backends import get_backend
+    from edgeq.backends.base import benchmark
 
     out = []
     for t in targets:
@@ -135,7 +136,11 @@ def run_quantization(
     if deploy is None:
         raise SpecError(f"quantization.deploy_target {q.deploy_target!r} is not one of the targets "
                         f"({', '.join(t.name for t in cfg.targets)})")
-    types, types_reason = (q.types, "set in the config") if q.types != "auto" else choose_types(deploy.backend, deploy.device)
+    scheme = get_backend(deploy.backend).int8_scheme(deploy)
+    types, types_reason = (q.types, "set in the config") if q.types != "auto" else (scheme.types, scheme.reason)
+    reduce_range = scheme.reduce_range if q.reduce_range is None else q.reduce_range
+    if q.reduce_range is not None:
+        types_reason += f"; reduce_range {q.reduce_range} set in the config"
     policy = decide(model, spec.metric, q.mode, q.sla)
     if policy.allow_qat and not policy.allow_ptq and (train is None or len(train[0]) == 0):
         raise SpecError("QAT was requested but the config has no training data: set data.train")
@@ -180,7 +185,7 @@ def run_quantization(
 
     def qat() -> Attempt:
         from edgeq.quantization.qat import qat_finetune
-        from edgeq.specs import load_object
+        from edgeq.core.specs import load_object
 
         loss = load_object(q.qat_loss) if q.qat_loss else None
         settings = {"epochs": q.qat_epochs, "lr": q.qat_lr, "loss": q.qat_loss or "cross-entropy"}
@@ -198,14 +203,15 @@ def run_quantization(
         def _finetune(p: Path) -> Path:
             res = qat_finetune(model, list(calib[:, None]), train[0], train[1], input_name, output_name, opset, p,
                                epochs=q.qat_epochs, lr=q.qat_lr, loss_fn=loss,
-                               on_epoch=lambda e: log(f"QAT epoch {e}"))
+                               on_epoch=lambda e: log(f"QAT epoch {e}"), reduce_range=reduce_range)
             settings.update({"engine": res.engine, "export_parity_max_abs": res.parity_max_abs,
                              "export_top1_agreement": res.parity_top1_agreement, "epochs_log": res.epochs})
             return res.onnx_path
 
         return evaluate("qat", f"QAT {q.qat_epochs} epochs lr {q.qat_lr}", settings, build)
 
-    base = PTQSettings(engine=q.engine, method=q.method, types=types, per_channel=q.per_channel, op_types=q.op_types,
+    base = PTQSettings(engine=q.engine, method=q.method, types=types, reduce_range=reduce_range,
+                       per_channel=q.per_channel, op_types=q.op_types,
                        keep_fp32_nodes=q.keep_fp32_nodes, keep_fp32_op_types=q.keep_fp32_op_types)
     rungs: list[Callable[[], list[Attempt]]] = []
     if policy.allow_ptq:

@@ -74,15 +74,3 @@ def decide(model: nn.Module, metric: str, mode: str, sla: str) -> PolicyDecision
         return PolicyDecision(start="qat", allow_qat=True, allow_ptq=False, scan=scan,
                               reasons=[arch, "quantization.sla is 'fixed': a production accuracy SLA gets QAT regardless"])
     return PolicyDecision(start=start, allow_qat=True, allow_ptq=True, scan=scan, reasons=[arch])
-
-
-def choose_types(backend: str, device: str) -> tuple[str, str]:
-    """Activation/weight INT8 types for the deployment target, with the reason."""
-    if backend == "tensorrt" or device in ("cuda", "gpu"):
-        return "s8s8", "TensorRT/GPU INT8 kernels take symmetric signed activations and weights"
-    if backend == "declared":
-        return "s8s8", "vendor NPU compilers (declared targets) expect symmetric signed INT8"
-    return "u8s8", ("x86 CPU: unsigned activations + signed weights map onto VNNI kernels; measured here, "
-                    "signed activations left ops unfused and ran no faster than FP32")
-
-

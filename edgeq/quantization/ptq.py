@@ -8,10 +8,10 @@ from typing import Iterator
 
 import numpy as np
 import onnx
-from edgeq.quiet import muted_output
+from edgeq.core.quiet import muted_output
 from pydantic import BaseModel, Field
 
-from edgeq.errors import SpecError
+from edgeq.core.errors import SpecError
 
 _METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
@@ -20,6 +20,7 @@ class PTQSettings(BaseModel):
     engine: str = "onnxruntime"  # or "nncf"
     method: str = "minmax"
     types: str = "u8s8"  # activations/weights
+    reduce_range: bool = False  # 7-bit weights (x86 CPUs without VNNI)
     per_channel: bool = True
     op_types: list[str] = Field(default_factory=lambda: ["Conv", "ConvTranspose", "MatMul", "Gemm"])
     keep_fp32_nodes: list[str] = Field(default_factory=list)
@@ -29,7 +30,8 @@ class PTQSettings(BaseModel):
         extra = f", fp32: {', '.join(self.keep_fp32_nodes)}" if self.keep_fp32_nodes else ""
         if self.engine == "nncf":
             return f"nncf PTQ (bias correction){extra}"
-        return f"ort PTQ {self.method} {self.types}{' per-channel' if self.per_channel else ' per-tensor'}{extra}"
+        rr = " reduce-range" if self.reduce_range else ""
+        return f"ort PTQ {self.method} {self.types}{rr}{' per-channel' if self.per_channel else ' per-tensor'}{extra}"
 
 
 class ArrayReader:
@@ -103,6 +105,7 @@ def quantize_onnxruntime(src: Path, dst: Path, samples: np.ndarray, input_name: 
             str(src), str(dst), ArrayReader(input_name, samples),
             quant_format=QuantFormat.QDQ, op_types_to_quantize=list(s.op_types), per_channel=s.per_channel,
             activation_type=act, weight_type=QuantType.QInt8, nodes_to_exclude=sorted(excluded),
+            reduce_range=s.reduce_range,
             calibrate_method=getattr(CalibrationMethod, _METHODS[s.method]),
             extra_options={"ActivationSymmetric": s.types == "s8s8", "WeightSymmetric": True},
         )
@@ -111,6 +114,7 @@ def quantize_onnxruntime(src: Path, dst: Path, samples: np.ndarray, input_name: 
 
 def quantize_nncf(src: Path, dst: Path, samples: np.ndarray, input_name: str, s: PTQSettings) -> Path:
     import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
     model = onnx.load(str(src))
     ignored = None
@@ -119,7 +123,10 @@ def quantize_nncf(src: Path, dst: Path, samples: np.ndarray, input_name: str, s:
     dataset = nncf.Dataset(samples, lambda x: {input_name: x[None].astype(np.float32)})
     with muted_output(stderr=True):
         q = nncf.quantize(model, dataset, subset_size=len(samples), ignored_scope=ignored,
-                          preset=nncf.QuantizationPreset.MIXED if s.types == "u8s8" else nncf.QuantizationPreset.PERFORMANCE)
+                          preset=nncf.QuantizationPreset.MIXED if s.types == "u8s8" else nncf.QuantizationPreset.PERFORMANCE,
+                          # NNCF's answer to the same saturation: half the weight range on every layer, not only the first
+                          advanced_parameters=AdvancedQuantizationParameters(
+                              overflow_fix=OverflowFix.ENABLE if s.reduce_range else OverflowFix.FIRST_LAYER))
     onnx.save(q, str(dst))
     return dst
 

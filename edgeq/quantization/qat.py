@@ -47,7 +47,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgeq.errors import ExportError, GateError, SpecError
+from edgeq.core.errors import ExportError, GateError, SpecError
+from edgeq.core.platform import x86_without_vnni
 
 ENGINE = "nncf-torch-qat"
 TORCHSCRIPT_MAX_OPSET = 20  # torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET in torch 2.13
@@ -329,6 +330,7 @@ def qat_finetune(
     check_samples: np.ndarray | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     seed: int = 0,
+    reduce_range: bool | None = None,
 ) -> QATResult:
     """Fake-quant fine-tune `model` with NNCF and write a QDQ INT8 ONNX model to `out_path`.
 
@@ -342,6 +344,8 @@ def qat_finetune(
     :func:`check_export_parity` (ONNX Runtime vs the QAT model in PyTorch, tolerance 3 output
     quantization steps, top-1 agreement >= 0.99) on `check_samples` (default: the first 32
     training samples); a failure raises ``GateError`` and leaves nothing at `out_path`.
+    `reduce_range` halves every weight quantizer's range (NNCF's overflow fix), which x86 CPUs without VNNI
+    need to run U8S8 without saturating; None decides from this machine's CPU.
     """
     import nncf
 
@@ -356,7 +360,14 @@ def qat_finetune(
     checks = train_x[:32] if check_samples is None else np.asarray(check_samples, dtype=np.float32)
     notes: list[str] = []
 
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
+    from nncf.quantization.advanced_parameters import (
+        AdvancedQuantizationParameters,
+        OverflowFix,
+        QuantizationParameters,
+    )
+
+    if reduce_range is None:
+        reduce_range = x86_without_vnni()
 
     fp32, folded, why = fold_batchnorm(model)
     notes.append(f"folded {folded} Conv+BatchNorm pair(s) before QAT" if why is None else
@@ -369,7 +380,8 @@ def qat_finetune(
         qmodel = nncf.quantize(
             fp32, dataset, subset_size=len(calib),
             advanced_parameters=AdvancedQuantizationParameters(
-                activations_quantization_params=QuantizationParameters(per_channel=False)),
+                activations_quantization_params=QuantizationParameters(per_channel=False),
+                overflow_fix=OverflowFix.ENABLE if reduce_range else OverflowFix.FIRST_LAYER),
         )
         notes.append(f"quantizer ranges initialised by nncf.quantize on {len(calib)} calibration samples "
                      f"({time.perf_counter() - t0:.1f} s; preset performance: symmetric per-channel int8 weights, "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from edgeq.quiet import muted_output
+from edgeq.core.quiet import muted_output
 from pydantic import BaseModel
 
 from edgeq.quantization.ptq import ArrayReader

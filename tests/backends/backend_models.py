@@ -36,7 +36,7 @@ def standard_model(path: Path, op_type: str = "Relu", opset: int = 17, batch: in
 @pytest.fixture(scope="session")
 def demo_samples(demo_cfg) -> np.ndarray:
     """Eight real preprocessed test images, shape [8, 1, 8, 8] (import this fixture into a test module)."""
-    from edgeq.data import load_split
+    from edgeq.core.data import load_split
 
     x, _ = load_split(demo_cfg.data.test, demo_cfg.data.preprocess)
     return x[:8].astype(np.float32)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backend_models import demo_samples  # noqa: F401 (fixture)
+from tests.backends.backend_models import demo_samples  # noqa: F401 (fixture)
 
-from backends import get_backend
-from edgeq.specs import TargetSpec
+from edgeq.backends import get_backend
+from edgeq.core.specs import TargetSpec
 
 
 def _ov_caps() -> set[str]:

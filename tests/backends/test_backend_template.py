@@ -6,11 +6,12 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 import pytest
-from backend_models import custom_op_model, demo_samples  # noqa: F401 (fixture)
+from tests.backends.backend_models import custom_op_model, demo_samples  # noqa: F401 (fixture)
 
-from backends import benchmark, get_backend
-from backends.base import Backend, RunnerError
-from edgeq.specs import TargetSpec
+from edgeq.backends import benchmark, get_backend
+from edgeq.backends.base import Backend
+from edgeq.core.errors import RunnerError
+from edgeq.core.specs import TargetSpec
 
 F32_ATOL = 1e-4  # pinned f32 on two runtimes: only summation order differs
 

@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 import yaml
-from conftest import write_config
+from tests.conftest import write_config
 from typer.testing import CliRunner
 
-from tasks.compile_check import CompileCheckFailed
+from edgeq.tasks.compile_check import CompileCheckFailed
 
 
 def _artifact(key: str):
@@ -30,7 +30,7 @@ def flow_config(tmp_path_factory, demo_root):
 
 
 def test_flow_builds_the_matrix_artifact_and_caches(prefect_server, flow_config):
-    from flows.compile_check import CompileCheckParams, compile_check
+    from edgeq.flows.compile_check import CompileCheckParams, compile_check
 
     params = CompileCheckParams(config=str(flow_config), warmup=2, iters=20)
     first = compile_check(params)
@@ -53,7 +53,7 @@ def test_flow_builds_the_matrix_artifact_and_caches(prefect_server, flow_config)
 
 def test_required_target_failure_stops_the_flow_and_the_cli(prefect_server, tmp_path, demo_root):
     from edgeq.cli import app
-    from flows.compile_check import CompileCheckParams, compile_check
+    from edgeq.flows.compile_check import CompileCheckParams, compile_check
 
     profile = tmp_path / "no-gemm.yaml"
     profile.write_text(yaml.safe_dump({"name": "no-gemm-npu", "max_opset": 17, "ops": [

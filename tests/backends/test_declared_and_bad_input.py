@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from backend_models import custom_op_model, standard_model
+from tests.backends.backend_models import custom_op_model, standard_model
 
-from backends import get_backend
-from backends.base import ModelFileError
-from edgeq.errors import SpecError
-from edgeq.specs import TargetSpec
+from edgeq.backends import get_backend
+from edgeq.core.errors import ModelFileError
+from edgeq.core.errors import SpecError
+from edgeq.core.specs import TargetSpec
 
 
 def declared(profile, **kw) -> TargetSpec:

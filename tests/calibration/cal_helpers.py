@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from conftest import write_config
+from tests.conftest import write_config
 
 
 def demo_pool_rows(demo_root: Path, origin: str = "pool") -> pd.DataFrame:
@@ -38,14 +38,14 @@ def config_with_captures(folder: Path, demo_root: Path, **captures) -> Path:
 
 
 def load_cfg(path: Path):
-    from edgeq.config import load_prepared
+    from edgeq.core.config import load_prepared
 
     return load_prepared(path)
 
 
 def records(cfg) -> list:
-    from calibration.versions import list_versions
-    from edgeq.store import ArtifactStore
+    from edgeq.calibration.versions import list_versions
+    from edgeq.core.store import ArtifactStore
 
     return list_versions(ArtifactStore(cfg.store_url))
 

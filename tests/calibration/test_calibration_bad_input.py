@@ -6,19 +6,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cal_helpers import config_with_captures, load_cfg, records, tiny_pool, write_array_pool
+from tests.calibration.cal_helpers import config_with_captures, load_cfg, records, tiny_pool, write_array_pool
 
 STRATA = ["lighting", "camera"]
 
 
 def _build(cfg, **kw):
-    from tasks.calibration import build_calibration_candidate
+    from edgeq.tasks.calibration import build_calibration_candidate
 
     return build_calibration_candidate(cfg, **kw)
 
 
 def test_pool_below_minimum_fails_without_override(tmp_path, demo_root):
-    from calibration import CalibrationError
+    from edgeq.calibration import CalibrationError
 
     cap = tiny_pool(tmp_path, demo_root, 40)
     cfg = load_cfg(config_with_captures(tmp_path, demo_root, path=cap, metadata=cap / "metadata.csv", strata=STRATA))
@@ -39,7 +39,7 @@ def test_override_with_reason_builds_and_records_it(tmp_path, demo_root):
 
 
 def test_strata_column_the_table_lacks(tmp_path, demo_root):
-    from edgeq.errors import SpecError
+    from edgeq.core.errors import SpecError
 
     cap = tiny_pool(tmp_path, demo_root, 10)
     cfg = load_cfg(config_with_captures(tmp_path, demo_root, path=cap, metadata=cap / "metadata.csv",
@@ -50,7 +50,7 @@ def test_strata_column_the_table_lacks(tmp_path, demo_root):
 
 
 def test_metadata_rows_pointing_to_missing_files(tmp_path, demo_root):
-    from edgeq.errors import SpecError
+    from edgeq.core.errors import SpecError
 
     cap = tiny_pool(tmp_path, demo_root, 10)
     meta = pd.read_csv(cap / "metadata.csv")
@@ -73,7 +73,7 @@ def test_corrupt_image_is_listed_and_never_used(tmp_path, demo_root):
 
 
 def test_only_corrupt_images_is_an_error(tmp_path, demo_root):
-    from calibration import CalibrationError
+    from edgeq.calibration import CalibrationError
 
     cap = tiny_pool(tmp_path, demo_root, 3)
     for p in pd.read_csv(cap / "metadata.csv")["path"]:
@@ -85,7 +85,7 @@ def test_only_corrupt_images_is_an_error(tmp_path, demo_root):
 
 
 def test_nan_and_inf_arrays_are_listed_and_skipped(tmp_path, demo_root):
-    from calibration import CalibrationError
+    from edgeq.calibration import CalibrationError
 
     x = np.load(demo_root / "pool.npz")["x"][:20].astype(np.float32)
     x[2, 0, 0, 0] = np.nan
@@ -104,7 +104,7 @@ def test_nan_and_inf_arrays_are_listed_and_skipped(tmp_path, demo_root):
 
 
 def test_pool_entirely_in_training_set(tmp_path, demo_root):
-    from calibration import CalibrationError
+    from edgeq.calibration import CalibrationError
 
     x = np.load(demo_root / "train.npz")["x"][:30]
     path, meta = write_array_pool(tmp_path / "arr", x)

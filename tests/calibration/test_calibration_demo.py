@@ -6,22 +6,22 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cal_helpers import demo_pool_rows
-from conftest import write_config
+from tests.calibration.cal_helpers import demo_pool_rows
+from tests.conftest import write_config
 
 
 @pytest.fixture(scope="module")
 def demo_candidate(tmp_path_factory, demo_root):
-    from edgeq.config import load_prepared
-    from tasks.calibration import build_calibration_candidate
+    from edgeq.core.config import load_prepared
+    from edgeq.tasks.calibration import build_calibration_candidate
 
     cfg = load_prepared(write_config(tmp_path_factory.mktemp("cal-demo"), demo_root))
     return cfg, build_calibration_candidate(cfg)
 
 
 def _manifest(cfg, version) -> pd.DataFrame:
-    from calibration.ingest import read_parquet_bytes
-    from edgeq.store import ArtifactStore
+    from edgeq.calibration.ingest import read_parquet_bytes
+    from edgeq.core.store import ArtifactStore
 
     return read_parquet_bytes(ArtifactStore(cfg.store_url).read_bytes(version.artifacts["manifest"]))
 
@@ -51,8 +51,8 @@ def test_every_stratum_of_the_pool_is_covered(demo_candidate):
 
 
 def test_no_selected_sample_is_in_train_or_test_by_hash(demo_candidate, demo_root):
-    from edgeq.data import pixel_hash
-    from edgeq.store import ArtifactStore
+    from edgeq.core.data import pixel_hash
+    from edgeq.core.store import ArtifactStore
 
     cfg, cand = demo_candidate
     manifest = _manifest(cfg, cand.version)
@@ -79,7 +79,7 @@ def test_planted_faults_are_excluded(demo_candidate, demo_root):
 
 
 def test_rebuild_is_the_same_version_and_leaves_the_record_alone(demo_candidate):
-    from tasks.calibration import build_calibration_candidate
+    from edgeq.tasks.calibration import build_calibration_candidate
 
     cfg, cand = demo_candidate
     again = build_calibration_candidate(cfg)
@@ -90,7 +90,7 @@ def test_rebuild_is_the_same_version_and_leaves_the_record_alone(demo_candidate)
 def test_crops_jitters_and_flips_of_training_images_are_rejected(demo_root):
     from PIL import Image
 
-    from calibration.select import reject_augmented
+    from edgeq.calibration.select import reject_augmented
 
     train = np.load(demo_root / "train.npz")["x"]
     pool = np.load(demo_root / "pool.npz")["x"][:20]
@@ -110,9 +110,9 @@ def test_readers_follow_onnxruntime_and_nncf_contracts(demo_candidate, tmp_path)
     from onnx import TensorProto, helper
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
-    from calibration import NotApproved, VersionNotFound, open_calibration
-    from calibration.versions import record_decision
-    from edgeq.store import ArtifactStore
+    from edgeq.calibration import NotApproved, VersionNotFound, open_calibration
+    from edgeq.calibration.versions import record_decision
+    from edgeq.core.store import ArtifactStore
 
     cfg, cand = demo_candidate
     store = ArtifactStore(cfg.store_url)

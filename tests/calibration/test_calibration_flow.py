@@ -6,11 +6,11 @@ import threading
 
 import pytest
 
-from conftest import paused_review, write_config
+from tests.conftest import paused_review, write_config
 
 
 def _start(params):
-    from flows.calibration import build_calibration_set
+    from edgeq.flows.calibration import build_calibration_set
 
     out = {}
     th = threading.Thread(target=lambda: out.setdefault("state", build_calibration_set(params, return_state=True)))
@@ -24,7 +24,7 @@ def cfg_path(tmp_path, demo_root):
 
 
 def _params(cfg_path, **kw):
-    from flows.calibration import CalibrationParams
+    from edgeq.flows.calibration import CalibrationParams
 
     return CalibrationParams(config=str(cfg_path), poll_interval_s=1, **kw)
 
@@ -33,8 +33,8 @@ def _params(cfg_path, **kw):
 def test_review_through_the_paused_flow(prefect_server, cfg_path, decision):
     from prefect.flow_runs import resume_flow_run
 
-    from calibration import NotApproved, open_calibration
-    from edgeq.config import load_prepared
+    from edgeq.calibration import NotApproved, open_calibration
+    from edgeq.core.config import load_prepared
 
     cfg = load_prepared(cfg_path)
     th, out = _start(_params(cfg_path, review_timeout_s=120))
@@ -60,10 +60,10 @@ def test_review_through_the_paused_flow(prefect_server, cfg_path, decision):
 def test_cli_review_resumes_the_paused_run(prefect_server, cfg_path):
     from typer.testing import CliRunner
 
-    from calibration.versions import load_version
+    from edgeq.calibration.versions import load_version
     from edgeq.cli import app
-    from edgeq.config import load_prepared
-    from edgeq.store import ArtifactStore
+    from edgeq.core.config import load_prepared
+    from edgeq.core.store import ArtifactStore
 
     cfg = load_prepared(cfg_path)
     th, out = _start(_params(cfg_path, review_timeout_s=120))
@@ -79,10 +79,10 @@ def test_cli_review_resumes_the_paused_run(prefect_server, cfg_path):
 
 
 def test_review_timeout_leaves_candidate(prefect_server, cfg_path):
-    from calibration.versions import list_versions
-    from edgeq.config import load_prepared
-    from edgeq.store import ArtifactStore
-    from flows.calibration import build_calibration_set
+    from edgeq.calibration.versions import list_versions
+    from edgeq.core.config import load_prepared
+    from edgeq.core.store import ArtifactStore
+    from edgeq.flows.calibration import build_calibration_set
 
     cfg = load_prepared(cfg_path)
     state = build_calibration_set(_params(cfg_path, review_timeout_s=2), return_state=True)
@@ -93,7 +93,7 @@ def test_review_timeout_leaves_candidate(prefect_server, cfg_path):
 
 
 def test_no_wait_builds_a_candidate_without_pausing(prefect_server, cfg_path):
-    from flows.calibration import build_calibration_set
+    from edgeq.flows.calibration import build_calibration_set
 
     state = build_calibration_set(_params(cfg_path, wait_for_review=False), return_state=True)
     result = state.result()

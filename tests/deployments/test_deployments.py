@@ -12,9 +12,9 @@ from pathlib import Path
 from uuid import UUID
 
 import pytest
-from browser import Chromium, chromium_path
-from conftest import REPO, write_config
-from local_prefect import LocalPrefect
+from tests.deployments.browser import Chromium, chromium_path
+from tests.conftest import REPO, write_config
+from tests.deployments.local_prefect import LocalPrefect
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -74,10 +74,10 @@ def artifacts_of(run_id: UUID) -> dict:
 
 def approved_config(folder: Path, demo_root: Path) -> Path:
     """A demo config whose store holds an approved calibration set (built without Prefect)."""
-    from calibration.versions import record_decision
-    from edgeq.config import load_prepared
-    from edgeq.store import ArtifactStore
-    from tasks.calibration import build_calibration_candidate
+    from edgeq.calibration.versions import record_decision
+    from edgeq.core.config import load_prepared
+    from edgeq.core.store import ArtifactStore
+    from edgeq.tasks.calibration import build_calibration_candidate
 
     path = write_config(folder, demo_root)
     cfg = load_prepared(path)
@@ -133,9 +133,9 @@ def test_calibration_review_through_api_triggers_conversion(local_prefect, demo_
     from prefect.deployments import run_deployment
     from prefect.flow_runs import resume_flow_run
 
-    from calibration.versions import load_version
-    from edgeq.specs import load_config
-    from edgeq.store import ArtifactStore
+    from edgeq.calibration.versions import load_version
+    from edgeq.core.specs import load_config
+    from edgeq.core.store import ArtifactStore
 
     cfg = write_config(tmp_path / "review", demo_root)
     run = run_deployment(CALIBRATE, parameters={"params": {"config": str(cfg), "poll_interval_s": 1}},
@@ -177,8 +177,8 @@ def test_retrain_to_deploy_by_deployment_publishes_the_new_weights(local_prefect
     from prefect.deployments import run_deployment
 
     from edgeq.publish import read_manifest
-    from edgeq.specs import load_config
-    from edgeq.store import ArtifactStore, sha256_file
+    from edgeq.core.specs import load_config
+    from edgeq.core.store import ArtifactStore, sha256_file
 
     _, cfg = converted  # its store holds an approved calibration set
     run = run_deployment(RETRAIN, parameters={"params": {"config": str(cfg), "train_kwargs": {"epochs": 12}}},

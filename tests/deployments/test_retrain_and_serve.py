@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-from conftest import REPO, write_config
+from tests.conftest import REPO, write_config
 
 
 def wide_trainer(config, width: int = 32):
@@ -17,7 +17,7 @@ def wide_trainer(config, width: int = 32):
 
 @pytest.fixture
 def cfg(tmp_path, demo_root):
-    from edgeq.config import load_prepared
+    from edgeq.core.config import load_prepared
 
     return load_prepared(write_config(tmp_path, demo_root))
 
@@ -26,8 +26,8 @@ def test_training_step_stores_safetensors_that_load_into_the_model(cfg):
     from safetensors.torch import load_file
 
     from edgeq.demo import digits_net
-    from edgeq.store import ArtifactStore, sha256_file
-    from flows.retrain import retrained_config, train_to_store
+    from edgeq.core.store import ArtifactStore, sha256_file
+    from edgeq.flows.retrain import retrained_config, train_to_store
 
     result = train_to_store(cfg, {"epochs": 2})
     path = ArtifactStore(cfg.store_url).local_path(result.weights)
@@ -36,16 +36,16 @@ def test_training_step_stores_safetensors_that_load_into_the_model(cfg):
     model.load_state_dict(load_file(str(path)))  # strict: every tensor of the model, nothing else
     assert result.weights.sha256 != sha256_file(cfg.model.weights)  # 2 epochs, not the demo's 40
 
-    from edgeq.specs import EdgeqConfig
+    from edgeq.core.specs import EdgeqConfig
 
     inline = EdgeqConfig.model_validate(retrained_config(cfg, path))
     assert inline.model.weights == path and inline.store_url == cfg.store_url and inline.prepare is None
 
 
 def test_trainer_returning_weights_of_another_shape_names_the_mismatch(tmp_path, demo_root):
-    from edgeq.config import load_prepared
-    from edgeq.errors import SpecError
-    from flows.retrain import train_to_store
+    from edgeq.core.config import load_prepared
+    from edgeq.core.errors import SpecError
+    from edgeq.flows.retrain import train_to_store
 
     cfg = load_prepared(write_config(tmp_path, demo_root,
                                      training={"entrypoint": f"{__name__}:wide_trainer"}))
@@ -54,8 +54,8 @@ def test_trainer_returning_weights_of_another_shape_names_the_mismatch(tmp_path,
 
 
 def test_trainer_called_with_arguments_it_does_not_take_is_a_spec_error(cfg):
-    from edgeq.errors import SpecError
-    from flows.retrain import train_to_store
+    from edgeq.core.errors import SpecError
+    from edgeq.flows.retrain import train_to_store
 
     with pytest.raises(SpecError, match=r"train_digits_demo cannot be called .*learning_rate"):
         train_to_store(cfg, {"learning_rate": 0.1})

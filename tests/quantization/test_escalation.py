@@ -3,14 +3,14 @@
 import pytest
 import yaml
 
-from conftest import write_config
-from edgeq.config import load_prepared
-from edgeq.data import load_split
-from edgeq.errors import GateError
-from edgeq.modeling import build_model
+from tests.conftest import write_config
+from edgeq.core.config import load_prepared
+from edgeq.core.data import load_split
+from edgeq.core.errors import GateError
+from edgeq.core.modeling import build_model
 from edgeq.quantization.escalate import run_quantization
-from edgeq.store import ArtifactStore
-from tasks.export import export_to_store
+from edgeq.core.store import ArtifactStore
+from edgeq.tasks.export import export_to_store
 
 
 def _setup(tmp_path, demo_root, **quant):
@@ -18,7 +18,7 @@ def _setup(tmp_path, demo_root, **quant):
     data = yaml.safe_load(path.read_text())
     # The demo network with one head input scaled 256x (and the head scaled back): same FP32 function,
     # but per-tensor activation ranges crush the other features in INT8.
-    data["model"]["factory"] = "edgeq_testmodels:outlier_net"
+    data["model"]["factory"] = "tests.edgeq_testmodels:outlier_net"
     data["model"]["kwargs"] = {"width": 16, "num_classes": 10, "outlier": 256.0}
     data["targets"] = [{"name": "ort-cpu", "backend": "onnxruntime"}]
     data["quantization"] = {"latency_iters": 10, "qat_epochs": 2, **quant}
@@ -59,7 +59,7 @@ def test_escalation_reaches_qat_and_fails_with_the_table_when_nothing_meets(tmp_
 
 def test_qat_requested_without_training_data(tmp_path, demo_root):
     cfg, fp32, calib, val, train, opset = _setup(tmp_path, demo_root, mode="qat")
-    from edgeq.errors import SpecError
+    from edgeq.core.errors import SpecError
 
     with pytest.raises(SpecError, match="QAT was requested but the config has no training data: set data.train"):
         run_quantization(cfg, fp32, build_model(cfg.model), calib, "v-test", val, None, tmp_path / "out", opset)

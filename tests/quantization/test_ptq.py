@@ -7,14 +7,14 @@ import onnx
 import pytest
 import yaml
 
-from calibration.versions import record_decision
-from conftest import write_config
-from edgeq.config import load_prepared
-from edgeq.data import load_split
-from edgeq.errors import EdgeqError, SpecError
-from edgeq.store import ArtifactStore
-from tasks.calibration import build_calibration_candidate
-from tasks.quantize import quantize_to_store
+from edgeq.calibration.versions import record_decision
+from tests.conftest import write_config
+from edgeq.core.config import load_prepared
+from edgeq.core.data import load_split
+from edgeq.core.errors import EdgeqError, SpecError
+from edgeq.core.store import ArtifactStore
+from edgeq.tasks.calibration import build_calibration_candidate
+from edgeq.tasks.quantize import quantize_to_store
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def candidate(quant_cfg):
 
 @pytest.fixture(scope="module")
 def exported(quant_cfg):
-    from tasks.export import export_to_store
+    from edgeq.tasks.export import export_to_store
 
     return export_to_store(quant_cfg)
 

@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from edgeq.errors import GateError, SpecError
+from edgeq.core.errors import GateError, SpecError
 from edgeq.quantization.qat import ENGINE, PARITY_STEPS, QATResult, check_export_parity, qat_finetune
 
 INPUT, OUTPUT = "input", "logits"
@@ -23,7 +23,7 @@ def _split(root: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _fp32(root: Path) -> torch.nn.Module:
     from edgeq.demo import digits_net
-    from edgeq.modeling import load_state_dict
+    from edgeq.core.modeling import load_state_dict
 
     model = digits_net(width=16, num_classes=10)
     model.load_state_dict(load_state_dict(root / "digits_cnn.safetensors"))

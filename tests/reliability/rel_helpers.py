@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from conftest import REPO, write_config
+from tests.conftest import REPO, write_config
 
 FAST_TARGETS = [
     {"name": "ort-cpu", "backend": "onnxruntime", "device": "cpu", "precision": "fp32"},
@@ -41,10 +41,10 @@ def fast_config(folder: Path, demo_root: Path, store: Path | str | None = None, 
 
 def seed_store_with_approved_calibration(store_dir: Path, cfg_path: Path) -> str:
     """Build the demo's calibration candidate into the config's store and approve it; returns the version id."""
-    from calibration.versions import record_decision
-    from edgeq.config import load_prepared
-    from edgeq.store import ArtifactStore
-    from tasks.calibration import build_calibration_candidate
+    from edgeq.calibration.versions import record_decision
+    from edgeq.core.config import load_prepared
+    from edgeq.core.store import ArtifactStore
+    from edgeq.tasks.calibration import build_calibration_candidate
 
     cfg = load_prepared(cfg_path)
     assert Path(cfg.store_url) == Path(store_dir)
@@ -66,16 +66,16 @@ def child_env(results_dir: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PREFECT_API_URL"] = ps.PREFECT_API_URL.value()
     env["PREFECT_LOCAL_STORAGE_PATH"] = str(results_dir or ps.PREFECT_LOCAL_STORAGE_PATH.value())
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     env.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     return env
 
 
 CONVERT_SCRIPT = """
 import json, sys
-from edgeq.quiet import quiet_environment
+from edgeq.core.quiet import quiet_environment
 quiet_environment()
-from flows.convert import ConvertParams, convert_model
+from edgeq.flows.convert import ConvertParams, convert_model
 state = convert_model(ConvertParams(config=sys.argv[1], calibration=sys.argv[2]), return_state=True)
 out = {"flow_run_id": str(state.state_details.flow_run_id), "type": state.type.value, "message": state.message}
 if state.is_completed():
@@ -140,7 +140,7 @@ def verify_store(root: Path) -> dict[str, int]:
 
     Returns counts of what was checked.
     """
-    from edgeq.store import sha256_file
+    from edgeq.core.store import sha256_file
 
     objects = bundles = 0
     for p in (root / "objects").rglob("*") if (root / "objects").exists() else []:
@@ -164,7 +164,7 @@ def verify_store(root: Path) -> dict[str, int]:
 
 def snapshot(root: Path) -> dict[str, str]:
     """Relative path -> sha256 of every file under a store (missing store: empty)."""
-    from edgeq.store import sha256_file
+    from edgeq.core.store import sha256_file
 
     if not root.exists():
         return {}

@@ -22,15 +22,14 @@ import pandas as pd
 import pytest
 import yaml
 
-from rel_helpers import copy_store, fast_config, seed, snapshot
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "calibration"))
-from cal_helpers import tiny_pool, write_array_pool  # noqa: E402
-
-from backends.base import ModelFileError  # noqa: E402
-from calibration import CalibrationError  # noqa: E402
-from edgeq.errors import ExportError, GateError, SpecError  # noqa: E402
-from edgeq.store import IntegrityError  # noqa: E402
+from edgeq.core.errors import ModelFileError
+from edgeq.calibration import CalibrationError
+from edgeq.calibration.versions import load_version
+from edgeq.core.errors import ExportError, GateError, SpecError
+from edgeq.core.specs import load_config
+from edgeq.core.store import ArtifactStore, IntegrityError
+from tests.calibration.cal_helpers import tiny_pool, write_array_pool
+from tests.reliability.rel_helpers import copy_store, fast_config, seed, snapshot
 
 
 @dataclass
@@ -57,15 +56,15 @@ def config(c, edit: Callable[[dict], None] | None = None, **overrides) -> Path:
 
 
 def load(edit=None, **overrides):
-    from edgeq.config import load_prepared
+    from edgeq.core.config import load_prepared
 
     return lambda c: load_prepared(config(c, edit, **overrides))
 
 
 def export(edit=None, **overrides):
     def run(c):
-        from edgeq.config import load_prepared
-        from tasks.export import export_to_store
+        from edgeq.core.config import load_prepared
+        from edgeq.tasks.export import export_to_store
 
         return export_to_store(load_prepared(config(c, edit, **overrides)))
     return run
@@ -77,7 +76,7 @@ def model(**fields):
 
 def raw_config(text: str):
     def run(c):
-        from edgeq.specs import load_config
+        from edgeq.core.specs import load_config
 
         p = c.tmp / "bad.yaml"
         p.write_text(text)
@@ -87,8 +86,8 @@ def raw_config(text: str):
 
 def calibrate(captures: Callable[[SimpleNamespace], dict], override: str | None = "test"):
     def run(c):
-        from edgeq.config import load_prepared
-        from tasks.calibration import build_calibration_candidate
+        from edgeq.core.config import load_prepared
+        from edgeq.tasks.calibration import build_calibration_candidate
 
         caps = {k: str(v) if isinstance(v, Path) else v for k, v in captures(c).items()}
         cfg = load_prepared(config(c, lambda d: d["data"].update(captures=caps)))
@@ -130,9 +129,9 @@ def corrupt_all(cap: Path, meta: pd.DataFrame) -> None:
 def check(target: dict, onnx: Callable[[SimpleNamespace], Path] | None = None):
     """The compile-check stage for one required target, then its gate (what the pipeline runs)."""
     def run(c):
-        from backends import get_backend
-        from edgeq.specs import TargetSpec
-        from tasks.compile_check import CompileMatrix, gate_required_targets
+        from edgeq.backends import get_backend
+        from edgeq.core.specs import TargetSpec
+        from edgeq.tasks.compile_check import CompileMatrix, gate_required_targets
 
         t = TargetSpec(**target)
         path = onnx(c) if onnx else c.fp32_path
@@ -171,8 +170,8 @@ def external_data_outside(c) -> Path:
 
 def quantize(version: str | Callable = None, edit=None):
     def run(c):
-        from edgeq.config import load_prepared
-        from tasks.quantize import quantize_to_store
+        from edgeq.core.config import load_prepared
+        from edgeq.tasks.quantize import quantize_to_store
 
         cfg = load_prepared(config(c, edit))
         return quantize_to_store(cfg, c.fp32, version if isinstance(version, str) else c.version, c.opset)
@@ -187,8 +186,8 @@ class _Evil:
 
 
 def evil_pickle(c):
-    from edgeq.config import load_prepared
-    from tasks.export import export_to_store
+    from edgeq.core.config import load_prepared
+    from edgeq.tasks.export import export_to_store
 
     _Evil.marker = c.tmp / "pwned"
     weights = c.tmp / "evil.pt"
@@ -201,8 +200,8 @@ def evil_pickle(c):
 
 
 def empty_split(c):
-    from edgeq.config import load_prepared
-    from tasks.export import export_to_store
+    from edgeq.core.config import load_prepared
+    from edgeq.tasks.export import export_to_store
 
     z = np.load(c.demo / "test.npz")
     empty = c.tmp / "empty.npz"
@@ -212,7 +211,7 @@ def empty_split(c):
 
 
 def tampered_read(c):
-    from edgeq.store import ArtifactStore
+    from edgeq.core.store import ArtifactStore
 
     return ArtifactStore(c.store).read_bytes(c.fp32)
 
@@ -243,7 +242,7 @@ def cli(*args, config_text: str | None = None):
 
 
 def publish_failed(c):
-    from edgeq.config import load_prepared
+    from edgeq.core.config import load_prepared
     from edgeq.publish import publish_bundle
 
     return publish_bundle(load_prepared(config(c)), c.fp32_path, {"model": {"name": "x"}}, {}, gates_passed=False)
@@ -251,7 +250,7 @@ def publish_failed(c):
 
 def device_target(name):
     def run(c):
-        from edgeq.config import load_prepared
+        from edgeq.core.config import load_prepared
         from edgeq.validation import pick_device_target
 
         return pick_device_target(load_prepared(config(c, validation={"device_target": name, "latency_iters": 10})))
@@ -260,8 +259,8 @@ def device_target(name):
 
 def rejected_candidate(c):
     """Setup: a small candidate version in the case's store, rejected by bob."""
-    from calibration.versions import record_decision
-    from edgeq.store import ArtifactStore
+    from edgeq.calibration.versions import record_decision
+    from edgeq.core.store import ArtifactStore
 
     v = calibrate(pool(20))(c).version
     record_decision(ArtifactStore(c.store), v.version, approve=False, reviewer="bob")
@@ -292,12 +291,12 @@ CASES = [
          r"target 'hailo8-declared': backend 'declared' needs 'profile'"),
     Case("config-not-yaml", raw_config("model: [unclosed\n  - x: {"), SpecError, r"bad.yaml is not valid YAML"),
     Case("config-yaml-not-a-mapping", raw_config("- just\n- a list\n"), SpecError, r"must hold a YAML mapping"),
-    Case("config-missing-file", lambda c: __import__("edgeq.specs").specs.load_config(c.tmp / "nope.yaml"),
+    Case("config-missing-file", lambda c: load_config(c.tmp / "nope.yaml"),
          SpecError, r"config file .*nope.yaml does not exist"),
     Case("config-metric-import-fails (NEW)", load(model(metric="no_such_pkg.metrics:f1")), SpecError,
          r"model.metric 'no_such_pkg.metrics:f1': cannot import 'no_such_pkg.metrics'.*ModuleNotFoundError"),
-    Case("config-metric-attribute-missing (NEW)", load(model(metric="edgeq.metrics:f1_score")), SpecError,
-         r"model.metric 'edgeq.metrics:f1_score': 'edgeq.metrics' has no attribute 'f1_score'"),
+    Case("config-metric-attribute-missing (NEW)", load(model(metric="edgeq.core.metrics:f1_score")), SpecError,
+         r"model.metric 'edgeq.core.metrics:f1_score': 'edgeq.core.metrics' has no attribute 'f1_score'"),
     Case("config-metric-not-callable (NEW)", load(model(metric="edgeq:PIPELINE_VERSION")), SpecError,
          r"model.metric 'edgeq:PIPELINE_VERSION': metric edgeq:PIPELINE_VERSION is not callable"),
     Case("cli-convert-config-not-yaml (NEW)", cli("convert", "BAD", config_text="targets: [oops"), SystemExit,
@@ -315,13 +314,13 @@ CASES = [
          export(model(inputs=[{"name": "image", "shape": ["batch", 1, 16, 16]}])), SpecError,
          r"input 'image' expects samples of shape \[1, 16, 16\] but the data has \[1, 8, 8\]"),
     Case("export-traced-tensor-control-flow",
-         export(model(factory="edgeq_testmodels:tensor_if", exporter="torchscript")), ExportError,
+         export(model(factory="tests.edgeq_testmodels:tensor_if", exporter="torchscript")), ExportError,
          r"tracing recorded only the branch"),
     Case("export-unknown-target-backend (NEW)", export(targets=[{"name": "phone", "backend": "tflite"}]), SpecError,
          r"target 'phone': unknown backend 'tflite'; known backends: command, declared, onnxruntime, openvino, "
          r"tensorrt"),
     Case("export-opset-below-what-the-model-needs (NEW)",
-         export(model(factory="rel_models:einsum_digits"),
+         export(model(factory="tests.reliability.rel_models:einsum_digits"),
                 targets=[{"name": "old-npu", "backend": "onnxruntime", "max_opset": 11}]), ExportError,
          r"op aten::einsum needs ONNX opset >= 12, but the export opset is 11 \(lowest maximum opset among "
          r"targets: old-npu supports up to 11\): raise that target's max_opset"),
@@ -359,8 +358,8 @@ CASES = [
     Case("calibration-review-unknown-version",
          cli("calibration", "review", "cal-0000000000000000", "--approve", "--reviewer", "ann", "-c", "CONFIG"),
          SystemExit, r"calibration version 'cal-0000000000000000' not found"),
-    Case("calibration-version-id-with-a-path", lambda c: __import__("calibration.versions").versions.load_version(
-        __import__("edgeq.store").store.ArtifactStore(c.store), "../../etc/passwd"), CalibrationError,
+    Case("calibration-version-id-with-a-path", lambda c: load_version(
+        ArtifactStore(c.store), "../../etc/passwd"), CalibrationError,
          r"'../../etc/passwd' is not a calibration version id"),
     Case("calibration-approve-a-rejected-version",
          cli("calibration", "review", "VERSION", "--approve", "--reviewer", "ann", "-c", "CONFIG"), SystemExit,
@@ -377,7 +376,7 @@ CASES = [
     # --- store and publish (tests/test_store.py, tests/test_validate.py)
     Case("store-tampered-artifact", tampered_read, IntegrityError,
          r"artifact digits-cnn.onnx at .* was changed after it was written: .*refusing to use it", setup=tamper),
-    Case("store-artifact-name-escapes", lambda c: __import__("edgeq.store").store.ArtifactStore(c.store).put_bytes(
+    Case("store-artifact-name-escapes", lambda c: ArtifactStore(c.store).put_bytes(
         b"x", "../evil"), ValueError, r"artifact name must be a plain file name, got '../evil'"),
     Case("publish-after-a-failed-gate", publish_failed, GateError, r"do not ship: a gate failed, nothing was published"),
 ]
@@ -386,8 +385,8 @@ CASES = [
 @pytest.fixture(scope="module")
 def base(demo_root, tmp_path_factory):
     """A store with the approved calibration version and the demo's FP32 export (copied per case)."""
-    from edgeq.config import load_prepared
-    from tasks.export import export_to_store
+    from edgeq.core.config import load_prepared
+    from edgeq.tasks.export import export_to_store
 
     seed_store, version = seed(demo_root)
     folder = tmp_path_factory.mktemp("catalogue-base")
@@ -398,7 +397,7 @@ def base(demo_root, tmp_path_factory):
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id.replace(" (NEW)", "") for c in CASES])
 def test_bad_input_is_refused_with_a_specific_error(case, base, demo_root, tmp_path, request):
-    from edgeq.store import ArtifactStore
+    from edgeq.core.store import ArtifactStore
 
     store = copy_store(base.store, tmp_path / "store")
     fp32 = base.fp32.model_copy(update={"uri": base.fp32.uri.replace(str(base.store), str(store))})

@@ -7,7 +7,7 @@ import os
 import signal
 import time
 
-from rel_helpers import (
+from tests.reliability.rel_helpers import (
     child_env,
     convert_result,
     copy_store,

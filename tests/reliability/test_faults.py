@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import paused_review
-from rel_helpers import FAST_TARGETS, copy_store, fast_config, seed, snapshot, task_run_objects, verify_store
+from tests.conftest import paused_review
+from tests.reliability.rel_helpers import FAST_TARGETS, copy_store, fast_config, seed, snapshot, task_run_objects, verify_store
 
 FLAKY = Path(__file__).with_name("flaky_device.py")
 
@@ -21,7 +21,7 @@ def _board(counter: Path, fail_first: int) -> dict:
 
 
 def test_device_busy_for_its_first_calls_succeeds_through_retries(prefect_server, demo_root, tmp_path):
-    from flows.compile_check import CompileCheckParams, compile_check
+    from edgeq.flows.compile_check import CompileCheckParams, compile_check
 
     counter = tmp_path / "calls"
     cfg = fast_config(tmp_path, demo_root, targets=[FAST_TARGETS[0], _board(counter, fail_first=2)])
@@ -38,7 +38,7 @@ def test_device_busy_for_its_first_calls_succeeds_through_retries(prefect_server
 
 def test_device_that_stays_busy_fails_the_run_after_retries_and_publishes_nothing(prefect_server, demo_root,
                                                                                   tmp_path):
-    from flows.convert import ConvertParams, convert_model
+    from edgeq.flows.convert import ConvertParams, convert_model
 
     seed_store, version = seed(demo_root)
     store = copy_store(seed_store, tmp_path / "store")
@@ -64,8 +64,8 @@ def test_device_that_stays_busy_fails_the_run_after_retries_and_publishes_nothin
 def test_tampered_fp32_onnx_is_refused_by_the_pipeline_naming_the_file(prefect_server, demo_root, tmp_path):
     import os
 
-    from flows.convert import ConvertParams, convert_model
-    from flows.export import ExportParams, export_model
+    from edgeq.flows.convert import ConvertParams, convert_model
+    from edgeq.flows.export import ExportParams, export_model
 
     seed_store, version = seed(demo_root)
     store = copy_store(seed_store, tmp_path / "store")
@@ -90,7 +90,7 @@ def test_tampered_fp32_onnx_is_refused_by_the_pipeline_naming_the_file(prefect_s
 
 
 def _start_review(params):
-    from flows.calibration import build_calibration_set
+    from edgeq.flows.calibration import build_calibration_set
 
     out = {}
     th = threading.Thread(target=lambda: out.setdefault("state", build_calibration_set(params, return_state=True)))
@@ -110,10 +110,10 @@ def test_resuming_a_paused_review_twice_is_harmless(prefect_server, demo_root, t
     from prefect.exceptions import NotPausedError
     from prefect.flow_runs import resume_flow_run
 
-    from calibration.versions import load_version
-    from edgeq.config import load_prepared
-    from edgeq.store import ArtifactStore
-    from flows.calibration import CalibrationParams
+    from edgeq.calibration.versions import load_version
+    from edgeq.core.config import load_prepared
+    from edgeq.core.store import ArtifactStore
+    from edgeq.flows.calibration import CalibrationParams
 
     cfg_path = fast_config(tmp_path, demo_root)
     cfg = load_prepared(cfg_path)
@@ -141,11 +141,11 @@ def test_review_that_times_out_stays_candidate_and_a_late_resume_changes_nothing
     from prefect.exceptions import NotPausedError
     from prefect.flow_runs import resume_flow_run
 
-    from calibration import NotApproved, open_calibration
-    from calibration.versions import list_versions
-    from edgeq.config import load_prepared
-    from edgeq.store import ArtifactStore
-    from flows.calibration import CalibrationParams, build_calibration_set
+    from edgeq.calibration import NotApproved, open_calibration
+    from edgeq.calibration.versions import list_versions
+    from edgeq.core.config import load_prepared
+    from edgeq.core.store import ArtifactStore
+    from edgeq.flows.calibration import CalibrationParams, build_calibration_set
 
     cfg_path = fast_config(tmp_path, demo_root)
     cfg = load_prepared(cfg_path)

@@ -6,13 +6,13 @@ import json
 import subprocess
 import sys
 
-from rel_helpers import FAST_TARGETS, child_env, copy_store, fast_config, narrow_weights, seed, task_run_objects
+from tests.reliability.rel_helpers import FAST_TARGETS, child_env, copy_store, fast_config, narrow_weights, seed, task_run_objects
 
 FANOUT_SCRIPT = """
 import json, sys
-from edgeq.quiet import quiet_environment
+from edgeq.core.quiet import quiet_environment
 quiet_environment()
-from flows.fanout import FanoutParams, run_fanout
+from edgeq.flows.fanout import FanoutParams, run_fanout
 state = run_fanout(FanoutParams.model_validate_json(sys.argv[1]), return_state=True)
 print("RESULT " + json.dumps({"flow_run_id": str(state.state_details.flow_run_id), "type": state.type.value,
                               "rows": state.result() if state.is_completed() else None}), flush=True)
@@ -36,7 +36,7 @@ def _comparable(rows):
 
 
 def test_dask_fanout_with_two_workers_matches_the_thread_runner(prefect_server, demo_root, tmp_path):
-    from flows.fanout import FanoutParams, run_fanout
+    from edgeq.flows.fanout import FanoutParams, run_fanout
 
     results = {}
     for runner in ("thread", "dask"):
@@ -55,7 +55,7 @@ def test_dask_fanout_with_two_workers_matches_the_thread_runner(prefect_server, 
 
 def test_second_worker_process_on_the_shared_store_gets_cache_hits(prefect_server, demo_root, tmp_path):
     """Two processes ("workers on two machines") sharing one store and one Prefect result storage location."""
-    from flows.fanout import FanoutParams
+    from edgeq.flows.fanout import FanoutParams
 
     seed_store, version = seed(demo_root)
     store = copy_store(seed_store, tmp_path / "shared-store")

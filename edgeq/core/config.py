@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgeq.errors import SpecError
-from edgeq.specs import EdgeqConfig, load_config, load_object
+from edgeq.core.errors import SpecError
+from edgeq.core.specs import EdgeqConfig, load_config, load_object
 
 
 def prepare(cfg: EdgeqConfig) -> None:
@@ -18,7 +18,7 @@ def check_metric(cfg: EdgeqConfig) -> None:
     """Import a user metric now, so a bad import path fails before any stage writes to the store."""
     if cfg.model.metric in ("top1", "cosine"):
         return
-    from edgeq.metrics import resolve_metric
+    from edgeq.core.metrics import resolve_metric
 
     try:
         resolve_metric(cfg.model.metric)

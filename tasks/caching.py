@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from edgeq import PIPELINE_VERSION
-from edgeq.errors import is_transient
-from edgeq.specs import SplitSource, load_object
-from edgeq.store import sha256_file, sha256_json
+from edgeq.core.errors import is_transient
+from edgeq.core.specs import SplitSource, load_object
+from edgeq.core.store import sha256_file, sha256_json
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:

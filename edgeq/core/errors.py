@@ -17,6 +17,14 @@ class GateError(EdgeqError):
     """A quality gate refused the artifact (parity, accuracy, agreement)."""
 
 
+class ModelFileError(EdgeqError):
+    """The model file itself is unreadable (missing, truncated, not ONNX)."""
+
+
+class RunnerError(EdgeqError):
+    """Inputs do not fit the prepared model (names, dtypes, static shapes)."""
+
+
 class TransientError(Exception):
     """A fault worth retrying (a busy server, a flaky device)."""
 

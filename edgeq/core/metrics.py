@@ -7,8 +7,8 @@ from typing import Callable
 
 import numpy as np
 
-from edgeq.errors import SpecError
-from edgeq.specs import load_object
+from edgeq.core.errors import SpecError
+from edgeq.core.specs import load_object
 
 
 def top1(outputs: np.ndarray, labels: np.ndarray | None, reference: np.ndarray | None = None) -> np.ndarray:

@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 import fsspec
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgeq.errors import EdgeqError
+from edgeq.core.errors import EdgeqError
 
 _CHUNK = 1 << 20
 

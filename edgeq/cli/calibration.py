@@ -1,4 +1,4 @@
-"""`edgeq calibrate` and `edgeq calibration list|show|review` (calibration issue)."""
+"""`edgeq calibrate` and `edgeq calibration list|show|review`."""
 
 from __future__ import annotations
 
@@ -8,19 +8,17 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from edgeq.cli import app, console, fail, run_flow
-from edgeq.errors import EdgeqError
+from edgeq.cli.common import console, fail, run_flow
+from edgeq.core.errors import EdgeqError
 
-calibration_app = typer.Typer(help="Calibration-set versions: list, show, review.", no_args_is_help=True)
-app.add_typer(calibration_app, name="calibration")
 
 _CONFIG = typer.Option(Path("digits-demo.yaml"), "--config", "-c", help="edgeq YAML config (names the store)")
 _STORE = typer.Option(None, "--store", help="artifact store folder or URL (instead of --config)")
 
 
 def _store(config: Path, store: str | None):
-    from edgeq.specs import load_config
-    from edgeq.store import ArtifactStore
+    from edgeq.core.specs import load_config
+    from edgeq.core.store import ArtifactStore
 
     if store:
         return ArtifactStore(store)
@@ -59,7 +57,6 @@ def _status(s: str) -> str:
     return {"approved": "[green]approved[/]", "rejected": "[red]rejected[/]"}.get(s, "[yellow]candidate[/]")
 
 
-@app.command()
 def calibrate(
     config: Path = typer.Argument(..., help="edgeq YAML config (data.captures names the pool)"),
     no_wait: bool = typer.Option(False, "--no-wait", help="build the candidate and exit without pausing for review"),
@@ -70,7 +67,7 @@ def calibrate(
     poll_interval: int = typer.Option(5, min=1, max=60, help="seconds between checks for the review"),
 ) -> None:
     """Build a calibration set from production captures and wait for its review."""
-    from flows.calibration import CalibrationParams, build_calibration_set
+    from edgeq.flows.calibration import CalibrationParams, build_calibration_set
 
     params = CalibrationParams(config=str(config), target_size=target_size, min_size=min_size,
                                override_reason=override_reason, wait_for_review=not no_wait,
@@ -87,10 +84,9 @@ def calibrate(
     console.print(result.message)
 
 
-@calibration_app.command("list")
 def list_cmd(config: Path = _CONFIG, store: str = _STORE) -> None:
     """Versions with status, size, coverage and reviewer."""
-    from calibration.versions import list_versions
+    from edgeq.calibration.versions import list_versions
 
     versions = list_versions(_store(config, store))
     if not versions:
@@ -108,11 +104,10 @@ def list_cmd(config: Path = _CONFIG, store: str = _STORE) -> None:
     console.print(t)
 
 
-@calibration_app.command("show")
 def show_cmd(version: str = typer.Argument(..., help="version id (cal-...)"), config: Path = _CONFIG,
              store: str = _STORE) -> None:
     """One version's record: status, coverage, exclusions, review, artifacts."""
-    from calibration.versions import load_version
+    from edgeq.calibration.versions import load_version
 
     try:
         _print_version(load_version(_store(config, store), version))
@@ -141,7 +136,6 @@ def _resume(run_id: str, run_input: dict) -> str:
         return f"cannot reach the Prefect API to resume flow run {run_id}: {type(exc).__name__}: {exc}"
 
 
-@calibration_app.command("review")
 def review_cmd(
     version: str = typer.Argument(..., help="version id (cal-...)"),
     approve: bool = typer.Option(None, "--approve/--reject", help="approve or reject the calibration set"),
@@ -152,7 +146,7 @@ def review_cmd(
     wait: int = typer.Option(60, min=0, help="seconds to wait for the resumed flow to record the decision"),
 ) -> None:
     """Approve or reject a candidate: resumes its paused build run, or records the decision directly."""
-    from calibration.versions import load_version, record_decision
+    from edgeq.calibration.versions import load_version, record_decision
 
     if approve is None:
         fail("say --approve or --reject")

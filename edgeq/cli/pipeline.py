@@ -1,50 +1,13 @@
-"""The `edgeq` command line."""
+"""`edgeq export`, `quantize`, `convert` and `demo`: the pipeline's commands."""
 
 from __future__ import annotations
 
-from edgeq.quiet import quiet_environment
+from pathlib import Path
 
-quiet_environment()
+import typer
+from rich.table import Table
 
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from edgeq.errors import EdgeqError  # noqa: E402
-
-app = typer.Typer(help="PyTorch model -> verified INT8 edge model, as a Prefect DAG of cached, gated tasks.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
-console = Console()
-err_console = Console(stderr=True)
-
-
-def fail(msg: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def run_flow(fn, *args, explain=None, **kwargs):
-    """Run a flow; a user-facing error prints cleanly and exits non-zero.
-
-    `explain(exc)` may turn a non-edgeq failure into `(message, exit code)` (e.g. a review that timed out).
-    """
-    state = fn(*args, return_state=True, **kwargs)
-    if not state.is_completed():
-        try:
-            state.result()
-        except EdgeqError as exc:
-            fail(str(exc))
-        except Exception as exc:  # noqa: BLE001
-            explained = explain(exc) if explain else None
-            if explained:
-                fail(*explained)
-            fail(f"{type(exc).__name__}: {exc}")
-        fail(f"flow ended {state.type.value}: {state.message}")
-    return state.result()
-
+from edgeq.cli.common import console, run_flow
 
 def print_export_report(report) -> None:
     t = Table(title=f"export of {report.model}: opset {report.opset} ({report.exporter} exporter)")
@@ -69,10 +32,9 @@ def print_export_report(report) -> None:
         console.print(f"[yellow]warning:[/] {w}")
 
 
-@app.command()
 def export(config: Path = typer.Argument(..., help="edgeq YAML config")) -> None:
     """Export the config's model to ONNX, probe dynamic shapes, and gate on PyTorch parity."""
-    from flows.export import ExportParams, export_model
+    from edgeq.flows.export import ExportParams, export_model
 
     result = run_flow(export_model, ExportParams(config=str(config)))
     print_export_report(result.report)
@@ -85,14 +47,13 @@ def print_four_way(manifest: dict) -> None:
     console.print(format_table(ValidationReport.model_validate(manifest["four_way"])), highlight=False, soft_wrap=True)
 
 
-@app.command()
 def convert(
     config: Path = typer.Argument(..., help="edgeq YAML config"),
     calibration: str = typer.Option("latest", "--calibration", "-c", help="approved calibration version id"),
     mode: str = typer.Option(None, "--mode", help="auto | ptq | qat (default: the config's)"),
 ) -> None:
     """Export -> compile check -> quantize -> four-way validation -> publish; prints the four-way table."""
-    from flows.convert import ConvertParams, convert_model
+    from edgeq.flows.convert import ConvertParams, convert_model
 
     manifest = run_flow(convert_model, ConvertParams(config=str(config), calibration=calibration, mode=mode))
     print_four_way(manifest)
@@ -103,14 +64,13 @@ def convert(
 DEMO_REVIEWER = "edgeq-demo"
 
 
-@app.command()
 def demo(config: Path = typer.Argument(Path("digits-demo.yaml"), help="the demo config")) -> None:
     """The whole demo in one command: build the demo, build and approve (as the demo reviewer) a calibration
     set, then convert: export, compile check, quantize, four-way validation, publish."""
-    from calibration.versions import record_decision
-    from edgeq.specs import load_config
-    from edgeq.store import ArtifactStore
-    from flows.calibration import CalibrationParams, build_calibration_set
+    from edgeq.calibration.versions import record_decision
+    from edgeq.core.specs import load_config
+    from edgeq.core.store import ArtifactStore
+    from edgeq.flows.calibration import CalibrationParams, build_calibration_set
 
     built = run_flow(build_calibration_set, CalibrationParams(config=str(config), wait_for_review=False))
     vid = built.record.version
@@ -124,22 +84,13 @@ def demo(config: Path = typer.Argument(Path("digits-demo.yaml"), help="the demo 
     convert(config, calibration=vid, mode=None)
 
 
-# Sub-command groups contributed by other modules register themselves on `app`.
-from edgeq import cli_calibration, cli_check  # noqa: E402,F401
-
-
-def main() -> None:  # pragma: no cover
-    sys.exit(app())
-
-
-@app.command()
 def quantize(
     config: Path = typer.Argument(..., help="edgeq YAML config"),
     calibration: str = typer.Option(None, "--calibration", "-c", help="approved calibration version id (default: latest approved)"),
 ) -> None:
     """Quantize to INT8 QDQ ONNX from an approved calibration version, escalating until the SLA holds."""
     from edgeq.quantization.escalate import format_attempts
-    from flows.quantize import QuantizeParams, quantize_model
+    from edgeq.flows.quantize import QuantizeParams, quantize_model
 
     result = run_flow(quantize_model, QuantizeParams(config=str(config), calibration=calibration))
     rep = result.report

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from edgeq.errors import SpecError
-from edgeq.specs import Preprocess, SplitSource, load_object
+from edgeq.core.errors import SpecError
+from edgeq.core.specs import Preprocess, SplitSource, load_object
 
 
 def pixel_hash(raw: np.ndarray) -> str:

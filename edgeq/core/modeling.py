@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from edgeq.errors import SpecError
-from edgeq.specs import ModelSpec, load_object
+from edgeq.core.errors import SpecError
+from edgeq.core.specs import ModelSpec, load_object
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""`edgeq check`: the compile-check matrix (backends issue)."""
+"""`edgeq check`: the compile-check matrix."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from edgeq.cli import app, console, fail
-from edgeq.errors import EdgeqError
+from edgeq.cli.common import console, fail
+from edgeq.core.errors import EdgeqError
 
 _STATUS_STYLE = {"compiled": "green", "declared-ok": "cyan", "failed": "bold red", "unavailable": "yellow"}
 
@@ -57,15 +57,14 @@ def print_matrix(matrix) -> None:
             console.print(f"[yellow]warning[/] {escape(r.target)}: {escape(w)}", highlight=False)
 
 
-@app.command()
 def check(
     config: Path = typer.Argument(..., help="edgeq YAML config"),
     warmup: int = typer.Option(10, min=0, help="untimed batch-1 runs before the latency benchmark"),
     iters: int = typer.Option(100, min=1, help="timed batch-1 runs (median and p90)"),
 ) -> None:
     """Export (cached) and compile-check every target; exit 1 when a required target fails."""
-    from flows.compile_check import CompileCheckParams, compile_check
-    from tasks.compile_check import CompileCheckFailed
+    from edgeq.flows.compile_check import CompileCheckParams, compile_check
+    from edgeq.tasks.compile_check import CompileCheckFailed
 
     state = compile_check(CompileCheckParams(config=str(config), warmup=warmup, iters=iters), return_state=True)
     if state.is_completed():

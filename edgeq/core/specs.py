@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from edgeq.errors import SpecError
+from edgeq.core.errors import SpecError
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
@@ -226,6 +226,9 @@ class QuantizationSpec(Spec):
     per_channel: bool = Field(True, description="per-channel weights (per-tensor costs far more accuracy)")
     types: Literal["auto", "u8s8", "s8s8"] = Field(
         "auto", description="activation/weight types; auto chooses per deployment target, reason recorded")
+    reduce_range: bool | None = Field(
+        None, description="7-bit weights against U8S8 saturation on x86 CPUs without VNNI; default: decided from "
+                          "the deployment target and this CPU, reason recorded")
     op_types: list[str] = Field(
         default_factory=lambda: ["Conv", "ConvTranspose", "MatMul", "Gemm"],
         description="op types to quantize (quantizing LayerNorm/Gather/Add wrecked transformer accuracy)")
@@ -250,7 +253,7 @@ class TrainingSpec(Spec):
     """The user's training entrypoint, called by the `retrain_to_deploy` flow."""
 
     entrypoint: ImportPath = Field(
-        "flows.retrain:train_digits_demo",
+        "edgeq.demo:train_digits_demo",
         description="'package.module:function' called as fn(config=EdgeqConfig, **kwargs); returns a "
                     "torch.nn.Module or a state_dict (name -> tensor)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the entrypoint")
