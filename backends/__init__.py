@@ -4,7 +4,7 @@ Public API for other stages::
 
     from edgeq.backends import get_backend, benchmark
     backend = get_backend(target.backend)
-    with backend.runner(onnx_path, target) as r:      # a backends.base.Runner
+    with backend.runner(onnx_path, target) as r:      # an edgeq.backends.runner.Runner
         out = r.infer({"image": x})                   # {output name: np.ndarray}
         lat = benchmark(r, warmup=10, iters=100)     # LatencyReport(median_ms, p90_ms, threads, precision)
     report = backend.check_compiles(onnx_path, target)  # CompileReport (one matrix row)
@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import importlib
 
-from edgeq.backends.base import Backend, CompileReport, LatencyReport, Runner, benchmark
+from edgeq.backends.base import Backend
+from edgeq.backends.records import CompileReport, LatencyReport
+from edgeq.backends.runner import Runner, benchmark
+from edgeq.core.errors import SpecError
 
 __all__ = ["Backend", "CompileReport", "LatencyReport", "Runner", "benchmark", "get_backend", "known_backends"]
 
@@ -36,8 +39,6 @@ def known_backends() -> list[str]:
 def get_backend(name: str) -> Backend:
     """The backend registered under `name`; an unknown name lists the known ones."""
     if name not in _REGISTRY:
-        from edgeq.core.errors import SpecError
-
         raise SpecError(f"unknown backend {name!r}; known backends: {', '.join(known_backends())}")
     module_name, _, cls_name = _REGISTRY[name].partition(":")
     return getattr(importlib.import_module(module_name), cls_name)()

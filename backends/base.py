@@ -7,21 +7,15 @@ A backend answers, for one target (a `TargetSpec`):
 - ``supports_node(domain, op_type, target)``: does it have this op;
 - ``prepare(model_path, target, out_dir)``: the deployable form (static batch=1 unless the target
   asks ``batch: dynamic``, the target's layout, precision pinned) written under ``out_dir``;
-- ``load_runner(prepared, target)``: a `Runner` on a prepared form;
+- ``load_runner(prepared, target)``: a `Runner` (backends/runner.py) on a prepared form;
 - ``runner(model_path, target)``: prepare into a temporary folder and return a runner on it;
 - ``check_compiles(model_path, target)``: a structured `CompileReport` (never raises for a target
   problem: an unsupported op, an opset too high or a failed compile is a ``failed`` row).
 
-A `Runner` is a small context manager in the style of Polygraphy's runners: the public
-``infer(feeds)`` checks input names, dtypes and static shapes once, then calls ``infer_impl``;
-a new runtime (or a remote device behind a command or a service) writes only
-``activate_impl / infer_impl / deactivate_impl``::
-
-    backend = get_backend("openvino")
-    with backend.runner("model.onnx", target) as r:
-        outputs = r.infer({"image": x})          # {output name: np.ndarray}
-        print(r.precision, r.threads)            # what actually ran
-        latency = benchmark(r, {"image": x})     # LatencyReport(median_ms, p90_ms, ...)
+The stages never compare backend names: they ask a backend's capabilities (``compiles``,
+``measures_latency``, ``ships_compiled_form``, ``default_device_stage``) and its per-target answers
+(``int8_scheme``, ``no_compiled_form_reason``, ``cache_fingerprint``), so a new backend is one
+registry line, not an edit of every stage.
 
 SDKs are imported inside methods, never at module level, so a missing toolchain costs an
 "unavailable" row, not an import error.
@@ -29,18 +23,16 @@ SDKs are imported inside methods, never at module level, so a missing toolchain 
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Literal
+from typing import ClassVar
 
-import numpy as np
-from pydantic import BaseModel, Field, PrivateAttr
-
-from edgeq.core.errors import EdgeqError, ModelFileError, RunnerError, is_transient
+from edgeq.backends.records import CompileReport, Int8Scheme, PreparedModel, UnsupportedOp
+from edgeq.backends.runner import Runner, _TempRunner, benchmark
+from edgeq.core.errors import EdgeqError, is_transient
 from edgeq.core.onnx_graph import (
     CONTROL_FLOW_OPS,
     STANDARD_DOMAINS,
@@ -52,112 +44,6 @@ from edgeq.core.onnx_graph import (
     sample_feeds,
 )
 from edgeq.core.platform import x86_without_vnni
-
-Status = Literal["compiled", "declared-ok", "failed", "unavailable"]
-
-
-# ---------------------------------------------------------------- records
-class UnsupportedOp(BaseModel):
-    node: str
-    op_type: str
-    domain: str = ""
-    reason: str = ""
-
-    @property
-    def label(self) -> str:
-        return f"{self.domain}::{self.op_type}" if self.domain not in STANDARD_DOMAINS else self.op_type
-
-
-class LatencyReport(BaseModel):
-    """Batch-1 latency of one runner; what ran is recorded next to the numbers."""
-
-    median_ms: float
-    p90_ms: float
-    mean_ms: float
-    min_ms: float
-    iters: int
-    warmup: int
-    threads: int
-    precision: str
-    batch: int = 1
-
-
-class CompileReport(BaseModel):
-    """One row of the compile-check matrix."""
-
-    target: str
-    backend: str
-    device: str
-    required: bool = True
-    status: Status
-    reason: str = Field("", description="why failed/unavailable, naming the op, node, field or value to change")
-    unsupported_ops: list[UnsupportedOp] = Field(default_factory=list)
-    control_flow: list[str] = Field(default_factory=list, description="'If (node n)' for each control-flow node")
-    control_flow_supported: bool | None = None
-    opset: int | None = None
-    max_opset: int | None = None
-    precision_asked: str = ""
-    precision: str = Field("", description="what actually ran, as the runtime reports it")
-    layout: str = ""
-    batch: str = ""
-    input_shapes: dict[str, list[int | str]] = Field(default_factory=dict)
-    compile_s: float | None = None
-    latency: LatencyReport | None = None
-    toolchain: str = ""
-    warnings: list[str] = Field(default_factory=list)
-    artifacts: dict[str, Any] = Field(default_factory=dict, description="name -> ArtifactRef of the prepared forms")
-    # The prepared form of a compiled row (files under the caller's out_dir); not serialized.
-    _prepared: Any = PrivateAttr(default=None)
-
-    @property
-    def prepared(self) -> "PreparedModel | None":
-        return self._prepared
-
-    @property
-    def ok(self) -> bool:
-        return self.status in ("compiled", "declared-ok")
-
-    def row(self) -> dict[str, Any]:
-        """The flat matrix row shown in the Prefect UI and the CLI."""
-        lat = self.latency
-        cf = "none" if not self.control_flow else (
-            f"{len(self.control_flow)} node(s): " + ("supported" if self.control_flow_supported else "UNSUPPORTED"))
-        return {
-            "target": self.target, "backend": self.backend, "device": self.device,
-            "required": self.required, "status": self.status,
-            "unsupported ops": ", ".join(f"{u.label} ({u.node})" for u in self.unsupported_ops) or "-",
-            "control flow": cf,
-            "opset": f"{self.opset}/{self.max_opset}" if self.opset is not None else "-",
-            "precision": self.precision or "-", "layout": self.layout or "-", "batch": self.batch or "-",
-            "compile s": round(self.compile_s, 3) if self.compile_s is not None else None,
-            "latency median ms": round(lat.median_ms, 4) if lat else None,
-            "latency p90 ms": round(lat.p90_ms, 4) if lat else None,
-            "threads": lat.threads if lat else None,
-            "reason": self.reason,
-        }
-
-
-class Int8Scheme(BaseModel):
-    """The INT8 form a target runs fastest and correctly: activation/weight types, 7-bit weights, and why."""
-
-    types: Literal["u8s8", "s8s8"]
-    reduce_range: bool = False
-    reason: str
-
-
-class PreparedModel(BaseModel):
-    """A deployable form written by `Backend.prepare`: the file to run and what it takes."""
-
-    backend: str
-    target: str
-    path: Path = Field(description="the main file (.onnx, .xml, .engine)")
-    files: dict[str, Path] = Field(default_factory=dict, description="every file to ship, by role")
-    inputs: list[TensorMeta]
-    outputs: list[str]
-    layout: str
-    batch: str
-    precision: str = Field(description="asked precision, as the runtime spells it")
-    warnings: list[str] = Field(default_factory=list)
 
 
 def fix_batch(inputs: list[TensorMeta], batch: str, dims: dict[str, int] | None = None) -> tuple[dict[str, list[int | str]], list[str]]:
@@ -195,150 +81,16 @@ def x86_cpu_scheme(runtime: str) -> Int8Scheme:
         "activations left ops unfused and ran no faster than FP32"))
 
 
-# ---------------------------------------------------------------- runner
-class Runner(ABC):
-    """A context manager that runs one prepared model on named inputs (Polygraphy-style).
-
-    Subclasses set ``self.inputs`` / ``self.outputs`` / ``self.precision`` / ``self.threads`` in
-    ``activate_impl`` and implement ``infer_impl``; ``infer`` checks the feeds first.
-    """
-
-    def __init__(self, name: str, target: str = ""):
-        self.name = name
-        self.target = target
-        self.is_active = False
-        self.inputs: list[TensorMeta] = []
-        self.outputs: list[str] = []
-        self.precision = ""
-        self.threads = 0
-        self.batch = "static1"
-
-    # -- lifecycle ---------------------------------------------------------
-    def __enter__(self) -> "Runner":
-        self.activate()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.deactivate()
-
-    def activate(self) -> None:
-        if not self.is_active:
-            self.activate_impl()
-            self.is_active = True
-
-    def deactivate(self) -> None:
-        if self.is_active:
-            try:
-                self.deactivate_impl()
-            finally:
-                self.is_active = False
-
-    # -- inference ---------------------------------------------------------
-    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run on named inputs; returns {output name: array}. Shape/name/dtype mistakes raise RunnerError."""
-        if not self.is_active:
-            raise RunnerError(f"{self.name}: runner is not active; use it as `with backend.runner(...) as r:`")
-        self.check_feeds(feeds)
-        return self.infer_impl(feeds)
-
-    def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
-        want = {m.name: m for m in self.inputs}
-        missing = sorted(set(want) - set(feeds))
-        extra = sorted(set(feeds) - set(want))
-        if missing or extra:
-            raise RunnerError(f"{self.name}: feeds must be exactly the inputs {sorted(want)}; "
-                              f"missing {missing}, unexpected {extra}")
-        for name, meta in want.items():
-            arr = np.asarray(feeds[name])
-            if arr.dtype.name != meta.dtype:
-                raise RunnerError(f"{self.name}: input {name!r} is {arr.dtype.name} but the model takes {meta.dtype}")
-            if len(arr.shape) != len(meta.shape) or any(
-                    isinstance(d, int) and d != got for d, got in zip(meta.shape, arr.shape)):
-                hint = ""
-                if (self.batch == "static1" and meta.shape and meta.shape[0] == 1 and arr.ndim == len(meta.shape)
-                        and arr.shape[0] != 1):
-                    hint = (f" — this is the static batch=1 form: feed one sample at a time, or set `batch: dynamic` "
-                            f"on target {self.target!r}")
-                raise RunnerError(f"{self.name}: input {name!r} has shape {list(arr.shape)} but the prepared model "
-                                  f"takes {list(meta.shape)}{hint}")
-
-    @abstractmethod
-    def activate_impl(self) -> None:
-        """Build the session/compiled model; set inputs, outputs, precision, threads."""
-
-    @abstractmethod
-    def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run once on checked feeds."""
-
-    def deactivate_impl(self) -> None:
-        """Release the session."""
-
-
-class _TempRunner(Runner):
-    """Wraps a runner on a form prepared into a temporary folder, removed on deactivate."""
-
-    def __init__(self, inner: Runner, tmp: str):
-        super().__init__(inner.name, inner.target)
-        self._inner, self._tmp = inner, tmp
-
-    def activate_impl(self) -> None:
-        self._inner.activate()
-        for attr in ("inputs", "outputs", "precision", "threads", "batch"):
-            setattr(self, attr, getattr(self._inner, attr))
-
-    def infer_impl(self, feeds):
-        return self._inner.infer_impl(feeds)
-
-    def deactivate_impl(self) -> None:
-        try:
-            self._inner.deactivate()
-        finally:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-
-
-def benchmark(runner: Runner, feeds: dict[str, np.ndarray] | None = None, warmup: int = 10,
-              iters: int = 100) -> LatencyReport:
-    """Batch-1 latency: `warmup` untimed runs, then `iters` timed runs; median and p90 in ms.
-
-    `runner` must be active; feeds default to random inputs of the runner's shapes.
-    """
-    if iters < 1 or warmup < 0:
-        raise ValueError(f"benchmark needs iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
-    feeds = feeds if feeds is not None else sample_feeds(runner.inputs)
-    batch = {int(np.asarray(v).shape[0]) for v in feeds.values() if np.asarray(v).ndim}
-    if batch and batch != {1}:
-        raise RunnerError(f"{runner.name}: the latency benchmark runs batch 1; feeds have batch {sorted(batch)}")
-    runner.check_feeds(feeds)
-    for _ in range(warmup):
-        runner.infer_impl(feeds)
-    times = np.empty(iters)
-    for i in range(iters):
-        t0 = time.perf_counter_ns()
-        runner.infer_impl(feeds)
-        times[i] = (time.perf_counter_ns() - t0) / 1e6
-    return LatencyReport(median_ms=float(np.median(times)), p90_ms=float(np.percentile(times, 90)),
-                         mean_ms=float(times.mean()), min_ms=float(times.min()), iters=iters, warmup=warmup,
-                         threads=runner.threads, precision=runner.precision)
-
-
-def default_threads() -> int:
-    """CPUs this process may use (what a pinned thread count defaults to)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 # ---------------------------------------------------------------- backend
 class Backend(ABC):
     """One runtime. Subclasses import their SDK inside methods, never at module level."""
 
     name: ClassVar[str]
     # Capabilities: what the stages ask of a backend instead of comparing its name.
-    compiles: ClassVar[bool] = True  # False: a static check only ("declared")
-    measures_latency: ClassVar[bool] = True  # can time the model on this machine
+    compiles: ClassVar[bool] = True  # False: a static check only; no prepare, no runner on this machine
+    measures_latency: ClassVar[bool] = True  # its runner can be timed here (quantization attempts, matrix rows)
     ships_compiled_form: ClassVar[bool] = True  # the bundle carries its prepared form (IR, engine)
-    default_device_stage: ClassVar[bool] = False  # the default on-device INT8 stage of four-way validation
+    default_device_stage: ClassVar[bool] = False  # picked as four-way validation's device INT8 stage by default
 
     # -- what it is --------------------------------------------------------
     @abstractmethod
@@ -354,13 +106,32 @@ class Backend(ABC):
         """Whether the runtime has an implementation for this op (any version)."""
 
     def version(self) -> str:
-        """Toolchain version (part of the compile-check cache key)."""
+        """Toolchain version, as shown in the compile matrix."""
         return ""
+
+    def cache_fingerprint(self, target) -> str:
+        """What, besides the model and the target spec, decides this target's compile-check row.
+
+        Part of the compile-check cache key: a new toolchain (or, for a declared target, an edited
+        profile) must miss the cache. A toolchain that cannot even report its version is part of the
+        key too, so installing it later misses.
+        """
+        try:
+            return self.version()
+        except Exception as exc:  # noqa: BLE001 - a broken SDK import is still a distinct key
+            return f"unavailable: {type(exc).__name__}"
+
+    def check_target(self, target) -> None:
+        """Refuse a target spec this backend cannot use (a missing field), naming it; runs when a config loads."""
 
     def int8_scheme(self, target) -> Int8Scheme:
         """The INT8 types this target's kernels want (default: symmetric signed, what accelerators take)."""
         return Int8Scheme(types="s8s8", reason=f"{self.name}: accelerator INT8 kernels take symmetric signed "
                                                "activations and weights")
+
+    def no_compiled_form_reason(self, target) -> str:
+        """Why a published bundle has no prepared form for `target` (read when `ships_compiled_form` is False)."""
+        return f"backend {self.name!r} ships no compiled form"
 
     # -- deployable form and runner ---------------------------------------
     @abstractmethod
@@ -440,7 +211,7 @@ class Backend(ABC):
             try:
                 feeds = sample_feeds(runner.inputs)
                 runner.infer(feeds)
-                if run_benchmark:
+                if run_benchmark and self.measures_latency:
                     report.latency = benchmark(runner, feeds, warmup=warmup, iters=iters)
             except Exception as exc:  # noqa: BLE001
                 if is_transient(exc):

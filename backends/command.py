@@ -5,7 +5,8 @@ Plugging in a real edge board: write a small program (shell, Python, anything) t
     COMMAND... MODEL.onnx INPUTS.npz OUTPUTS.npz
 
 and must write OUTPUTS.npz with one array per model output name. The model file is the deployable
-form edgeq prepared (the INT8 ONNX model); the program typically copies it to the board once
+form edgeq prepared (the INT8 ONNX model, batch fixed to 1 unless the target asks
+``batch: dynamic``); the program typically copies it to the board once
 (scp, adb push, a vendor's flashing tool), runs it there on the named inputs in INPUTS.npz, and
 copies the outputs back. A non-zero exit or a missing output is an error that names the command;
 an exit code of 75 (EX_TEMPFAIL: device busy, link down) is treated as transient and retried.
@@ -23,10 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq.backends.base import Backend, Int8Scheme, PreparedModel, Runner
-from edgeq.core.errors import RunnerError
-from edgeq.core.onnx_graph import graph_inputs, load_onnx
-from edgeq.core.errors import SpecError, TransientError
+from edgeq.backends.base import Backend, fix_batch
+from edgeq.backends.onnxruntime import OnnxRuntimeBackend
+from edgeq.backends.records import Int8Scheme, PreparedModel
+from edgeq.backends.runner import Runner
+from edgeq.core.errors import RunnerError, SpecError, TransientError
+from edgeq.core.onnx_graph import TensorMeta, graph_inputs, load_onnx
 
 EX_TEMPFAIL = 75
 
@@ -87,26 +90,41 @@ class CommandBackend(Backend):
     def max_opset(self, target=None) -> int:
         if target is not None and target.max_opset:
             return target.max_opset
-        from edgeq.backends import get_backend
-
-        return get_backend("onnxruntime").max_opset()
+        return OnnxRuntimeBackend().max_opset()
 
     def supports_node(self, domain: str, op_type: str, target=None) -> bool:
         return domain in ("", "ai.onnx")  # what the device runs is the device's business; custom ops are not
 
-    def prepare(self, model_path, target, out_dir, dims=None) -> PreparedModel:
+    def check_target(self, target) -> None:
         if not target.command:
             raise SpecError(f"target {target.name!r}: backend 'command' needs 'command' (the program to run)")
+
+    def prepare(self, model_path, target, out_dir, dims=None) -> PreparedModel:
+        self.check_target(target)
         if shutil.which(target.command[0]) is None and not Path(target.command[0]).is_file():
             raise SpecError(f"target {target.name!r}: device command {target.command[0]!r} not found")
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         dst = out / Path(model_path).name
-        shutil.copy(model_path, dst)
-        proto = load_onnx(dst)
+        proto = load_onnx(model_path)
+        inputs = graph_inputs(proto)
+        shapes, _ = fix_batch(inputs, target.batch, dims)
+        original = {m.name: m.shape for m in inputs}
+        fixed = {n: s for n, s in shapes.items() if s != original[n] and all(isinstance(d, int) for d in s)}
+        if fixed:
+            # The device gets the same static form every other backend runs, not a batch it will never be fed.
+            import onnx
+            from onnxruntime.tools.onnx_model_utils import make_input_shape_fixed
+
+            for name, shape in fixed.items():
+                make_input_shape_fixed(proto.graph, name, shape)
+            onnx.save(proto, str(dst))
+        else:
+            shutil.copy(model_path, dst)
         return PreparedModel(backend=self.name, target=target.name, path=dst, files={"model": dst},
-                             inputs=graph_inputs(proto), outputs=[o.name for o in proto.graph.output],
-                             layout=target.layout, batch=target.batch, precision=target.precision)
+                             inputs=[TensorMeta(name=m.name, shape=shapes[m.name], dtype=m.dtype) for m in inputs],
+                             outputs=[o.name for o in proto.graph.output], layout=target.layout, batch=target.batch,
+                             precision=target.precision)
 
     def load_runner(self, prepared: PreparedModel, target) -> Runner:
         return CommandRunner(prepared, list(target.command))

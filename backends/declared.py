@@ -15,9 +15,11 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edgeq.backends.base import Backend, CompileReport, Int8Scheme, PreparedModel, Runner, fix_batch
-from edgeq.core.onnx_graph import graph_inputs
+from edgeq.backends.base import Backend, fix_batch
+from edgeq.backends.records import CompileReport, Int8Scheme, PreparedModel
+from edgeq.backends.runner import Runner
 from edgeq.core.errors import EdgeqError, SpecError
+from edgeq.core.onnx_graph import graph_inputs
 from edgeq.core.store import sha256_file
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
@@ -76,21 +78,16 @@ def load_profile(path: str | Path | None, target_name: str = "?") -> TargetProfi
     return _load(str(p), sha256_file(p))  # keyed by content: an edited profile is re-read
 
 
-def profile_fingerprint(target) -> str | None:
-    """sha256 of a declared target's profile (part of the compile-check cache key)."""
-    if target.backend != "declared":
-        return None
-    try:
-        return sha256_file(resolve_profile(target.profile, target.name))
-    except SpecError as exc:
-        return f"missing:{exc}"
-
-
 class DeclaredBackend(Backend):
     name = "declared"
     compiles = False
     measures_latency = False
     ships_compiled_form = False  # compiled with the vendor toolchain, outside edgeq
+
+    def check_target(self, target) -> None:
+        if target.profile is None:
+            raise SpecError(f"target {target.name!r}: backend 'declared' needs 'profile' (a target profile YAML, "
+                            "e.g. backends/profiles/hailo8-example.yaml)")
 
     def int8_scheme(self, target) -> Int8Scheme:
         return Int8Scheme(types="s8s8", reason="vendor NPU compilers (declared targets) expect symmetric signed INT8")
@@ -100,6 +97,17 @@ class DeclaredBackend(Backend):
 
     def version(self) -> str:
         return "declared profile"
+
+    def cache_fingerprint(self, target) -> str:
+        # The profile is the toolchain here: an edited profile file must re-run the check.
+        try:
+            profile = sha256_file(resolve_profile(target.profile, target.name))
+        except SpecError as exc:
+            profile = f"missing:{exc}"
+        return f"{self.version()}; profile {profile}"
+
+    def no_compiled_form_reason(self, target) -> str:
+        return "declared target: compile with the vendor toolchain"
 
     def max_opset(self, target=None) -> int:
         if target is None:

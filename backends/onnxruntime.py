@@ -13,9 +13,20 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq.backends.base import Backend, Int8Scheme, PreparedModel, Runner, UnsupportedOp, default_threads, fix_batch, x86_cpu_scheme
-from edgeq.core.onnx_graph import TensorMeta, graph_inputs, iter_nodes, load_onnx, node_label, onnx_precision
+from edgeq.backends.base import Backend, fix_batch, x86_cpu_scheme
+from edgeq.backends.records import Int8Scheme, PreparedModel, UnsupportedOp
+from edgeq.backends.runner import Runner, default_threads
 from edgeq.core.errors import EdgeqError
+from edgeq.core.onnx_graph import (
+    ORT_DTYPES,
+    TensorMeta,
+    graph_inputs,
+    iter_nodes,
+    load_onnx,
+    node_label,
+    onnx_precision,
+)
+from edgeq.core.ort import ort_session
 
 # Highest opset each ONNX Runtime release implements (ONNX Runtime's compatibility table).
 _ORT_MAX_OPSET = {(1, 20): 21, (1, 21): 22, (1, 22): 22, (1, 23): 23}
@@ -33,20 +44,6 @@ def _cpu_kernels() -> frozenset[tuple[str, str]]:
         for k in C.get_all_opkernel_def()
         if k.provider == "CPUExecutionProvider"
     )
-
-
-def _session_options(threads: int, level: str = "all", optimized_path: Path | None = None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = threads  # pinned, so the report's thread count is what ran
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}[level]
-    if optimized_path is not None:
-        so.optimized_model_filepath = str(optimized_path)
-    return so
 
 
 @lru_cache(maxsize=256)
@@ -75,14 +72,9 @@ class OnnxRuntimeRunner(Runner):
         self.session = None
 
     def activate_impl(self) -> None:
-        import onnxruntime as ort
-
-        self.session = ort.InferenceSession(str(self.path), _session_options(self.threads), providers=self.providers)
-        type_map = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
-                    "tensor(int32)": "int32", "tensor(uint8)": "uint8", "tensor(int8)": "int8", "tensor(bool)": "bool",
-                    "tensor(double)": "float64"}
+        self.session = ort_session(self.path, providers=self.providers, threads=self.threads)
         self.inputs = [TensorMeta(name=i.name, shape=[d if isinstance(d, int) else (d or "?") for d in i.shape],
-                                  dtype=type_map.get(i.type, "float32")) for i in self.session.get_inputs()]
+                                  dtype=ORT_DTYPES.get(i.type, "float32")) for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.precision = onnx_precision(load_onnx(self.path))
 
@@ -122,6 +114,9 @@ class OnnxRuntimeBackend(Backend):
         return Int8Scheme(types="s8s8", reason=f"ONNX Runtime on {target.device}: GPU INT8 kernels take symmetric "
                                                "signed activations and weights")
 
+    def no_compiled_form_reason(self, target) -> str:
+        return "ships the INT8 ONNX model itself"
+
     def max_opset(self, target=None) -> int:
         import onnxruntime as ort
 
@@ -139,7 +134,6 @@ class OnnxRuntimeBackend(Backend):
     def prepare(self, model_path, target, out_dir, dims=None) -> PreparedModel:
         """Fix dynamic dims (batch=1 for static1), then save ONNX Runtime's optimized model."""
         import onnx
-        import onnxruntime as ort
         from onnxruntime.tools.onnx_model_utils import make_input_shape_fixed
 
         model = load_onnx(model_path)
@@ -168,7 +162,7 @@ class OnnxRuntimeBackend(Backend):
         if target.device != "cpu":
             notes += self._fallback_note(static, providers, threads)
         # Session creation is the compile; "extended" keeps the saved file portable across CPUs.
-        ort.InferenceSession(str(static), _session_options(threads, "extended", optimized), providers=providers)
+        ort_session(static, providers=providers, threads=threads, optimization="extended", optimized_model_path=optimized)
         return PreparedModel(
             backend=self.name, target=target.name, path=optimized, files={"onnx": static, "ort_optimized": optimized},
             inputs=[TensorMeta(name=m.name, shape=shapes[m.name], dtype=m.dtype) for m in inputs],
@@ -177,12 +171,8 @@ class OnnxRuntimeBackend(Backend):
 
     def _fallback_note(self, path: Path, providers: list[str], threads: int) -> list[str]:
         """Nodes the accelerator provider cannot take run on the CPU: say so."""
-        import onnxruntime as ort
-
-        so = _session_options(threads)
-        so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         try:
-            ort.InferenceSession(str(path), so, providers=providers)
+            ort_session(path, providers=providers, threads=threads, config={"session.disable_cpu_ep_fallback": "1"})
         except Exception as exc:  # noqa: BLE001 - the message names the nodes that fall back
             return [f"some nodes fall back to CPUExecutionProvider on {providers[0]}: {' '.join(str(exc).split())[:400]}"]
         return []

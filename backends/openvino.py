@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq.backends.base import Backend, Int8Scheme, PreparedModel, Runner, UnsupportedOp, fix_batch, x86_cpu_scheme
+from edgeq.backends.base import Backend, fix_batch, x86_cpu_scheme
+from edgeq.backends.records import Int8Scheme, PreparedModel, UnsupportedOp
+from edgeq.backends.runner import Runner
 from edgeq.core.onnx_graph import TensorMeta, graph_inputs, iter_nodes, load_onnx, node_label, onnx_precision
 
 # target precision -> OpenVINO inference precision hint. An int8 target runs a quantized model: its

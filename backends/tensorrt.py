@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from edgeq.backends.base import Backend, PreparedModel, Runner, UnsupportedOp, fix_batch
-from edgeq.core.onnx_graph import TensorMeta, graph_inputs, iter_nodes, load_onnx, node_label
+from edgeq.backends.base import Backend, fix_batch
+from edgeq.backends.records import PreparedModel, UnsupportedOp
+from edgeq.backends.runner import Runner
 from edgeq.core.errors import EdgeqError
+from edgeq.core.onnx_graph import TensorMeta, graph_inputs, iter_nodes, load_onnx, node_label
 
 # The TensorRT 10 ONNX parser reads opsets 9..20 (onnx-tensorrt's support matrix); a constant, so
 # choosing the export opset never imports tensorrt.
@@ -156,8 +159,6 @@ class TensorRtBackend(Backend):
         return TensorRtRunner(prepared.path, target)
 
     def compile_error_ops(self, message: str, model) -> list[UnsupportedOp]:
-        import re
-
         ops = set(re.findall(r"No importer registered for op: (\w+)", message))
         return [UnsupportedOp(node=node_label(n), op_type=n.op_type, domain=n.domain, reason="no TensorRT importer")
                 for n in iter_nodes(model) if n.op_type in ops]

@@ -10,12 +10,12 @@ Quantization uses::
 A candidate or rejected version raises `NotApproved`; an unknown one `VersionNotFound`.
 """
 
-from edgeq.calibration.ingest import CalibrationError
-from edgeq.calibration.versions import CalibrationVersion, NotApproved, VersionNotFound, get_approved, list_versions, load_version
+from edgeq.calibration.versions import CalibrationVersion, get_approved, list_versions, load_version
+from edgeq.core.errors import CalibrationError, NotApproved, VersionNotFound
 
 
 def open_calibration(*args, **kwargs):
-    """See `calibration.readers.open_calibration` (imported on use: it loads ONNX Runtime)."""
+    """See `edgeq.calibration.readers.open_calibration` (imported on use: it loads ONNX Runtime)."""
     from edgeq.calibration.readers import open_calibration as _open
 
     return _open(*args, **kwargs)

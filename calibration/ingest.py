@@ -17,14 +17,10 @@ import numpy as np
 import pandas as pd
 
 from edgeq.core.data import pixel_hash, read_image, read_table, resolve_inside
-from edgeq.core.errors import EdgeqError, SpecError
+from edgeq.core.errors import SpecError
 from edgeq.core.specs import CaptureSpec
 
 Progress = Callable[[int, int], None]
-
-
-class CalibrationError(EdgeqError):
-    """The captures cannot give a calibration set (too few usable samples, all leaked, ...)."""
 
 
 def _first(items: list[str], n: int = 5) -> str:

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from edgeq.calibration.ingest import CalibrationError
+from edgeq.core.data import read_table
+from edgeq.core.errors import CalibrationError, SpecError
 
 # Signatures are small grayscale images: cheap to compare, and a resize or re-encode barely moves them.
 _SIG = 16
@@ -138,9 +139,6 @@ def dedupe(table: pd.DataFrame, pixels: np.ndarray) -> pd.DataFrame:
 
 def read_manifest_hashes(path) -> set[str]:
     """The ``sha256`` column of a train/test manifest (Parquet or CSV)."""
-    from edgeq.core.data import read_table
-    from edgeq.core.errors import SpecError
-
     t = read_table(path)
     if "sha256" not in t.columns:
         raise SpecError(f"manifest {path} lacks column 'sha256' (has {list(t.columns)})")
@@ -221,8 +219,9 @@ def stratum_keys(table: pd.DataFrame, strata: list[str]) -> pd.Series:
 def stratified_sample(table: pd.DataFrame, strata: list[str], target: int, seed: int = 0) -> np.ndarray:
     """Table rows of a sample of `target` usable captures covering every joint stratum present.
 
-    Each stratum gets one sample, the rest is shared in proportion to stratum size (largest remainder);
-    a pool no larger than `target` is taken whole.
+    Shares are proportional to stratum size (largest remainder, so each is within one of its exact share);
+    a stratum whose share rounds to zero still gets one sample, taken from the stratum furthest above its
+    share. A pool no larger than `target` is taken whole.
     """
     ok = np.flatnonzero(usable(table))
     if len(ok) <= target:
@@ -234,20 +233,17 @@ def stratified_sample(table: pd.DataFrame, strata: list[str], target: int, seed:
             f"{len(cells)} strata of {strata} cannot each be covered by a sample of {target}; "
             f"raise data.captures.target_size to at least {len(cells)} or stratify on fewer columns"
         )
-    cap = sizes - 1
-    remaining = target - len(cells)
-    share = remaining * cap / cap.sum() if cap.sum() else np.zeros(len(cells))
-    extra = np.floor(share).astype(int)
-    left = remaining - extra.sum()
-    for j in np.argsort(-(share - extra), kind="stable"):
-        if left == 0:
-            break
-        if extra[j] < cap[j]:
-            extra[j] += 1
-            left -= 1
+    exact = target * sizes / sizes.sum()  # < sizes, since the pool is larger than the target
+    take = np.floor(exact).astype(int)
+    for j in np.argsort(-(exact - take), kind="stable")[: target - take.sum()]:
+        take[j] += 1
+    for j in np.flatnonzero(take == 0):
+        donor = int(np.argmax(np.where(take > 1, take - exact, -np.inf)))
+        take[donor] -= 1
+        take[j] = 1
     rng = np.random.default_rng(seed)
     chosen = []
     for j in range(len(cells)):
         members = ok[inverse == j]
-        chosen.append(rng.choice(members, 1 + extra[j], replace=False))
+        chosen.append(rng.choice(members, take[j], replace=False))
     return np.sort(np.concatenate(chosen))

@@ -4,6 +4,12 @@ A version's samples, manifest and report are content-addressed objects; its reco
 (``records/calibration/<version>.json``) is the only mutable part and changes exactly
 once: from ``candidate`` to ``approved`` or ``rejected``. A decided version is never
 modified again; a new build with other content is a new version.
+
+Records are sealed: a candidate carries the sha256 of its content (``content_sha256``), and
+a decision carries the sha256 of the candidate it decides (``candidate_sha256``) and its own
+(``sha256``). Every read verifies both, so a record edited by hand (a candidate turned into
+"approved", a swapped sample list) is refused, naming the file. A seal is a checksum, not a
+signature: it catches edits, not someone who recomputes the hashes.
 """
 
 from __future__ import annotations
@@ -13,19 +19,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from edgeq.calibration.ingest import CalibrationError
+from edgeq.core.errors import CalibrationError, IntegrityError, NotApproved, VersionNotFound
 from edgeq.core.store import ArtifactRef, ArtifactStore, sha256_json
 
 Status = Literal["candidate", "approved", "rejected"]
 _PREFIX = "calibration"
-
-
-class VersionNotFound(CalibrationError):
-    """No calibration version with that id in the store."""
-
-
-class NotApproved(CalibrationError):
-    """The version exists but is not approved (candidate or rejected)."""
 
 
 class Decision(BaseModel):
@@ -34,6 +32,8 @@ class Decision(BaseModel):
     comment: str = ""
     decided_at: str
     via: str = Field("", description="where the decision came from: the paused flow run, or the CLI")
+    candidate_sha256: str = Field("", description="content_sha256 of the candidate this decision decides")
+    sha256: str = Field("", description="sha256 of this decision (every field above)")
 
 
 class Review(BaseModel):
@@ -66,6 +66,39 @@ class CalibrationVersion(BaseModel):
     artifacts: dict[str, ArtifactRef]
     review: Review = Review()
     decision: Decision | None = None
+    content_sha256: str = Field("", description="sha256 of the immutable content (all but status/review/decision)")
+
+    def content_hash(self) -> str:
+        return sha256_json(self.model_dump(mode="json", exclude=_UNSEALED))
+
+
+# The parts of a record that change after it is written; everything else is sealed by content_sha256.
+_UNSEALED = {"status", "review", "decision", "content_sha256"}
+
+
+def _decision_hash(d: Decision) -> str:
+    return sha256_json(d.model_dump(mode="json", exclude={"sha256"}))
+
+
+def _verified(rec: Any, where: str) -> CalibrationVersion:
+    """The record at `where`, refused unless its seals match its content."""
+    v = CalibrationVersion.model_validate(rec)
+    refuse = f"calibration record {where} "
+    if not v.content_sha256:
+        raise IntegrityError(refuse + "carries no content seal (written by an older edgeq, or by hand); refusing "
+                             "it: rebuild the version with `edgeq calibrate CONFIG` and review it again")
+    if v.content_hash() != v.content_sha256:
+        raise IntegrityError(refuse + f"was changed after it was written: its content hashes to "
+                             f"{v.content_hash()[:16]}…, not the sealed {v.content_sha256[:16]}…; refusing it")
+    d = v.decision
+    if d is None:
+        if v.status != "candidate":
+            raise IntegrityError(refuse + f"says {v.status!r} but carries no review decision; refusing it")
+        return v
+    if _decision_hash(d) != d.sha256 or d.candidate_sha256 != v.content_sha256 or d.status != v.status:
+        raise IntegrityError(refuse + f"holds a decision ({d.status} by {d.reviewer}) whose seal does not match "
+                             f"the record (status {v.status!r}); refusing it: the decision was edited by hand")
+    return v
 
 
 def now() -> str:
@@ -91,14 +124,14 @@ def load_version(store: ArtifactStore, version: str) -> CalibrationVersion:
             f"calibration version {version!r} not found in store {store.root}"
             + (f"; known: {', '.join(known[-5:])}" if known else "; it holds none (run `edgeq calibrate CONFIG`)")
         )
-    return CalibrationVersion.model_validate(rec)
+    return _verified(rec, store.record_location(_path(version)))
 
 
 def list_versions(store: ArtifactStore) -> list[CalibrationVersion]:
     out = []
     for rel in store.list_records(_PREFIX):
         if rel.endswith(".json"):
-            out.append(CalibrationVersion.model_validate(store.read_record(rel)))
+            out.append(_verified(store.read_record(rel), store.record_location(rel)))
     return sorted(out, key=lambda v: v.created_at)
 
 
@@ -109,8 +142,10 @@ def write_candidate(store: ArtifactStore, version: CalibrationVersion) -> tuple[
         (the record, whether it is new).
     """
     existing = store.read_record(_path(version.version))
-    if existing is not None:
-        return CalibrationVersion.model_validate(existing), False
+    # A record without a seal (an older edgeq's) is written anew as a candidate: its approval cannot be trusted.
+    if existing is not None and existing.get("content_sha256"):
+        return _verified(existing, store.record_location(_path(version.version))), False
+    version = version.model_copy(update={"content_sha256": version.content_hash()})
     store.write_record(_path(version.version), version.model_dump(mode="json"))
     return version, True
 
@@ -144,7 +179,9 @@ def record_decision(store: ArtifactStore, version: str, approve: bool, reviewer:
             f"a decision is final: build a new version (`edgeq calibrate CONFIG`) instead of "
             f"{'approving' if approve else 'rejecting'} this one"
         )
-    decision = Decision(status=status, reviewer=reviewer, comment=comment, decided_at=now(), via=via)
+    decision = Decision(status=status, reviewer=reviewer, comment=comment, decided_at=now(), via=via,
+                        candidate_sha256=v.content_sha256)
+    decision = decision.model_copy(update={"sha256": _decision_hash(decision)})
     v = v.model_copy(update={"status": status, "decision": decision})
     store.write_record(_path(version), v.model_dump(mode="json"))
     return v

@@ -10,6 +10,7 @@ import re
 import tempfile
 import threading
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,14 @@ import onnx
 import torch
 from pydantic import BaseModel, Field
 
+from edgeq.backends import get_backend
+from edgeq.core.compare import OutputComparison, Tolerance, compare_outputs
 from edgeq.core.errors import ExportError, GateError, SpecError
-from edgeq.core.specs import InputSpec, ModelSpec, TargetSpec
+from edgeq.core.onnx_graph import CONTROL_FLOW_OPS, TensorMeta, iter_nodes, make_feeds, node_label
+from edgeq.core.ort import LOG_FATAL, ort_session
+from edgeq.core.specs import ModelSpec, TargetSpec, Thresholds
 
-_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
-                 "uint8": np.uint8, "bool": np.bool_}
 STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
-CONTROL_FLOW = ("If", "Loop", "Scan")
 DYNAMO_MIN_OPSET = 18
 
 
@@ -62,6 +64,7 @@ class ParityRow(BaseModel):
     samples: int
     tolerance: float
     passed: bool
+    error: str = ""  # why the values were refused (non-finite outputs)
 
 
 class ExportReport(BaseModel):
@@ -89,8 +92,6 @@ ONNX_EXPORT_LOCK = threading.RLock()
 # ---------------------------------------------------------------- opset
 def choose_opset(targets: list[TargetSpec]) -> tuple[int, str]:
     """The lowest maximum opset among the targets, and which target set it."""
-    from edgeq.backends import get_backend
-
     limits = []
     for t in targets:
         try:
@@ -103,30 +104,10 @@ def choose_opset(targets: list[TargetSpec]) -> tuple[int, str]:
 
 
 # ---------------------------------------------------------------- inputs
-def input_shape(inp: InputSpec, dims: dict[str, int]) -> tuple[int, ...]:
-    return tuple(d if isinstance(d, int) else dims[d] for d in inp.shape)
-
-
 def make_inputs(spec: ModelSpec, dims: dict[str, int], samples: np.ndarray | None, seed: int = 0) -> dict[str, np.ndarray]:
     """Feeds for every input at the given dynamic sizes; the first input takes real samples where shapes allow."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for i, inp in enumerate(spec.inputs):
-        shape = input_shape(inp, dims)
-        dtype = _NUMPY_DTYPES[inp.dtype]
-        if i == 0 and samples is not None:
-            if samples.shape[1:] != shape[1:]:
-                raise SpecError(
-                    f"input {inp.name!r} expects samples of shape {list(inp.shape[1:])} "
-                    f"but the data has {list(samples.shape[1:])} (model.inputs[0].shape vs data)"
-                )
-            reps = int(np.ceil(shape[0] / len(samples)))
-            feeds[inp.name] = np.concatenate([samples] * reps)[: shape[0]].astype(dtype)
-        elif np.issubdtype(dtype, np.floating):
-            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            feeds[inp.name] = np.zeros(shape, dtype=dtype)
-    return feeds
+    metas = [TensorMeta(name=i.name, shape=list(i.shape), dtype=i.dtype) for i in spec.inputs]
+    return make_feeds(metas, dims, samples, seed=seed, samples_hint="model.inputs[0].shape vs data")
 
 
 def run_torch(model: torch.nn.Module, spec: ModelSpec, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -136,18 +117,28 @@ def run_torch(model: torch.nn.Module, spec: ModelSpec, feeds: dict[str, np.ndarr
     return [o.detach().numpy() for o in outs]
 
 
-def ort_session(path: str | Path):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 4  # errors reach the user as exceptions, not as log lines
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+def _session(path: str | Path):
+    return ort_session(path, log_severity=LOG_FATAL)  # errors reach the user as exceptions, not as log lines
 
 
-def run_onnx(path: str | Path, x: np.ndarray, input_name: str, output_name: str) -> np.ndarray:
-    """One output of an ONNX model over all of `x` (dynamic batch), in chunks of 256 on ONNX Runtime CPU."""
-    sess = ort_session(path)
-    return np.concatenate([sess.run([output_name], {input_name: x[i:i + 256]})[0] for i in range(0, len(x), 256)])
+def run_onnx(path: str | Path, feeds: Mapping[str, np.ndarray] | np.ndarray, input_name: str | None = None,
+             output_name: str | None = None, *, outputs: Sequence[str] | None = None,
+             chunk: int = 256) -> dict[str, np.ndarray] | np.ndarray:
+    """Run an ONNX model on ONNX Runtime CPU over whole arrays (dynamic batch), in chunks of `chunk` samples.
+
+    `feeds` maps input names to arrays batched along axis 0; the result maps each of `outputs` (default: every
+    model output) to its concatenated array. The one-input form ``run_onnx(path, x, input_name, output_name)``
+    feeds `x` as `input_name` and returns `output_name`'s array.
+    """
+    if not isinstance(feeds, Mapping):
+        if input_name is None or output_name is None:
+            raise TypeError("run_onnx(path, x, input_name, output_name): one array needs its input and output names")
+        return run_onnx(path, {input_name: feeds}, outputs=[output_name], chunk=chunk)[output_name]
+    sess = _session(path)
+    names = list(outputs) if outputs is not None else [o.name for o in sess.get_outputs()]
+    n = len(next(iter(feeds.values())))
+    parts = [sess.run(names, {k: v[i:i + chunk] for k, v in feeds.items()}) for i in range(0, n, chunk)]
+    return {name: np.concatenate([p[j] for p in parts]) for j, name in enumerate(names)}
 
 
 # ---------------------------------------------------------------- export
@@ -259,22 +250,12 @@ def scan_graph(model: onnx.ModelProto) -> list[Finding]:
     """Non-standard-domain ops and control flow, including inside subgraphs and local functions."""
     findings: list[Finding] = []
     local_functions = {(f.domain, f.name) for f in model.functions}
-
-    def walk(graph: onnx.GraphProto) -> None:
-        for node in graph.node:
-            if node.op_type in CONTROL_FLOW and node.domain in STANDARD_DOMAINS:
-                findings.append(Finding(node=node.name or node.output[0], op_type=node.op_type, domain=node.domain or "ai.onnx", kind="control-flow"))
-            elif node.domain not in STANDARD_DOMAINS and (node.domain, node.op_type) not in local_functions:
-                findings.append(Finding(node=node.name or node.output[0], op_type=node.op_type, domain=node.domain, kind="custom-op"))
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    walk(attr.g)
-                for g in attr.graphs:
-                    walk(g)
-
-    walk(model.graph)
-    for f in model.functions:
-        walk(onnx.helper.make_graph(f.node, f.name, [], []))
+    for node in iter_nodes(model):
+        if node.op_type in CONTROL_FLOW_OPS and node.domain in STANDARD_DOMAINS:
+            findings.append(Finding(node=node_label(node), op_type=node.op_type, domain=node.domain or "ai.onnx",
+                                    kind="control-flow"))
+        elif node.domain not in STANDARD_DOMAINS and (node.domain, node.op_type) not in local_functions:
+            findings.append(Finding(node=node_label(node), op_type=node.op_type, domain=node.domain, kind="custom-op"))
     return findings
 
 
@@ -286,8 +267,6 @@ _CONTROL_FLOW_NOTE = {
 
 def hold_against_targets(findings: list[Finding], targets: list[TargetSpec]) -> list[TargetSupport]:
     """For each finding and target: can that target run it?"""
-    from edgeq.backends import get_backend
-
     rows = []
     for t in targets:
         backend = get_backend(t.backend)
@@ -300,36 +279,35 @@ def hold_against_targets(findings: list[Finding], targets: list[TargetSpec]) -> 
 
 
 # ---------------------------------------------------------------- gates
-def compare_outputs(ref: list[np.ndarray], got: list[np.ndarray], names: list[str], atol: float) -> list[ParityRow]:
-    rows = []
-    for name, r, g in zip(names, ref, got):
-        if r.shape != g.shape:
-            raise GateError(f"output {name!r}: PyTorch shape {r.shape} != ONNX shape {g.shape}")
-        diff = np.abs(r.astype(np.float64) - g.astype(np.float64))
-        rel = diff / (np.abs(r.astype(np.float64)) + 1e-6)
-        per_sample = diff.reshape(len(diff), -1).max(1) if diff.ndim else diff.reshape(1)
-        mad = float(diff.max()) if diff.size else 0.0
-        rows.append(ParityRow(output=name, max_abs_diff=mad, max_rel_diff=float(rel.max()) if rel.size else 0.0,
-                              worst_sample=int(per_sample.argmax()), samples=len(per_sample), tolerance=atol,
-                              passed=mad <= atol))
-    return rows
+def _torch_vs_onnx(spec: ModelSpec, ref: list[np.ndarray], got: list[np.ndarray], atol: float) -> list[OutputComparison]:
+    names = list(spec.outputs)
+    return compare_outputs(dict(zip(names, ref)), dict(zip(names, got)), Tolerance.absolute(atol),
+                           labels=("PyTorch", "ONNX"))
 
 
 def check_parity(model: torch.nn.Module, spec: ModelSpec, session, samples: np.ndarray, atol: float) -> list[ParityRow]:
-    """PyTorch vs ONNX Runtime on real samples, per output."""
+    """PyTorch vs ONNX Runtime on real samples, per output. Outputs of different shapes raise GateError."""
     n = len(samples)
     dims = {**spec.example_dims, **{d: n for d in ("batch",) if d in spec.example_dims}}
     feeds = make_inputs(spec, dims, samples)
     ref = run_torch(model, spec, feeds)
     got = session.run(list(spec.outputs), feeds)
-    return compare_outputs(ref, got, list(spec.outputs), atol)
+    rows = []
+    for r in _torch_vs_onnx(spec, ref, got, atol):
+        if r.max_abs_diff is None:  # shapes differ (or an output is missing): no number to gate on
+            raise GateError(r.error)
+        rows.append(ParityRow(output=r.output, max_abs_diff=r.max_abs_diff, max_rel_diff=r.max_rel_diff,
+                              worst_sample=r.worst_sample, samples=r.samples, tolerance=r.tolerance, passed=r.passed,
+                              error=r.error))
+    return rows
 
 
-def probe_dynamic_shapes(model: torch.nn.Module, spec: ModelSpec, session, samples: np.ndarray, atol: float) -> list[ProbeRow]:
+def probe_dynamic_shapes(model: torch.nn.Module, spec: ModelSpec, session, samples: np.ndarray, atol: float,
+                         probe_atol: float) -> list[ProbeRow]:
     """Run the ONNX model at sizes other than the export example; a baked-in shape fails or diverges."""
     # The probe looks for baked-in shapes (errors, wrong shapes, gross divergence); numeric parity is the
     # parity gate's job, so a tighter export tolerance does not make the probe flag float noise.
-    tol = max(atol, 1e-4)
+    tol = max(atol, probe_atol)
     rows = []
     for inp in spec.inputs:
         for axis, dim in inp.dynamic_axes.items():
@@ -344,12 +322,15 @@ def probe_dynamic_shapes(model: torch.nn.Module, spec: ModelSpec, session, sampl
                     rows.append(ProbeRow(input=inp.name, axis=axis, dim=dim, size=size, ok=False,
                                          error=" ".join(str(exc).split())[:400]))
                     continue
-                ref = run_torch(model, spec, feeds)
-                bad = [f"{o}: {r.shape} vs {g.shape}" for o, r, g in zip(spec.outputs, ref, got) if r.shape != g.shape]
-                mad = max((float(np.abs(r - g).max()) for r, g in zip(ref, got) if r.shape == g.shape and r.size), default=0.0)
-                ok = not bad and mad <= tol
+                compared = _torch_vs_onnx(spec, run_torch(model, spec, feeds), got, tol)
+                bad = [f"{c.output}: {tuple(c.reference_shape)} vs {tuple(c.candidate_shape)}"
+                       for c in compared if c.max_abs_diff is None]
+                refused = [c.error for c in compared if c.max_abs_diff is not None and c.error]
+                mad = max((c.max_abs_diff for c in compared if c.max_abs_diff is not None), default=0.0)
+                ok = not bad and not refused and mad <= tol
                 rows.append(ProbeRow(input=inp.name, axis=axis, dim=dim, size=size, ok=ok, max_abs_diff=mad,
                                      error=("output shape differs from PyTorch: " + "; ".join(bad)) if bad else
+                                     "; ".join(refused) if refused else
                                      ("" if ok else f"outputs differ from PyTorch by {mad:.3g} > {tol:g}")))
     return rows
 
@@ -363,7 +344,9 @@ def format_failures(report: ExportReport) -> str:
                 "— a shape was baked in at export (e.g. a .view() with a literal size, or a Python int from a tensor's shape)"
             )
     for r in report.parity:
-        if not r.passed:
+        if r.error:
+            msgs.append(f"parity gate: {r.error}")
+        elif not r.passed:
             msgs.append(
                 f"parity gate: output {r.output!r} max abs diff {r.max_abs_diff:.3g} > tolerance {r.tolerance:g} "
                 f"(max rel {r.max_rel_diff:.3g}, worst sample #{r.worst_sample} of {r.samples})"
@@ -373,8 +356,12 @@ def format_failures(report: ExportReport) -> str:
 
 # ---------------------------------------------------------------- the stage
 def run_export(model: torch.nn.Module, spec: ModelSpec, targets: list[TargetSpec], samples: np.ndarray,
-               atol: float, out_path: Path) -> ExportReport:
-    """Export, check, scan, probe and gate. Raises ExportError/GateError; on success `out_path` holds the model."""
+               thresholds: Thresholds, out_path: Path) -> ExportReport:
+    """Export, check, scan, probe and gate. Raises ExportError/GateError; on success `out_path` holds the model.
+
+    A refusal after the model was measured carries the export report as the GateError's ``report``.
+    """
+    atol = thresholds.export_atol
     opset, reason = choose_opset(targets)
     feeds = make_inputs(spec, spec.example_dims, samples)
     try:
@@ -391,8 +378,8 @@ def run_export(model: torch.nn.Module, spec: ModelSpec, targets: list[TargetSpec
         findings = scan_graph(proto)
         report = ExportReport(model=spec.name, opset=opset, opset_reason=reason, exporter=exporter,
                               findings=findings, target_support=hold_against_targets(findings, targets), warnings=notes)
-        session = ort_session(tmp_path)
-        report.probe = probe_dynamic_shapes(model, spec, session, samples, atol)
+        session = _session(tmp_path)
+        report.probe = probe_dynamic_shapes(model, spec, session, samples, atol, thresholds.probe_atol)
         if report.passed:  # a failed probe already says why the batch of parity samples would not run
             try:
                 report.parity = check_parity(model, spec, session, samples, atol)
@@ -401,9 +388,7 @@ def run_export(model: torch.nn.Module, spec: ModelSpec, targets: list[TargetSpec
             except Exception as exc:  # noqa: BLE001
                 raise GateError(f"parity gate: ONNX Runtime could not run {len(samples)} samples: {exc}") from None
         if not report.passed:
-            err = GateError("export refused:\n" + format_failures(report))
-            err.report = report  # so the task can still publish what was measured
-            raise err
+            raise GateError("export refused:\n" + format_failures(report), report=report)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         tmp_path.replace(out_path)
     return report

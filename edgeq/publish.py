@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeq import PIPELINE_VERSION, __version__
+from edgeq.backends import get_backend
 from edgeq.core.errors import GateError
 from edgeq.core.platform import cpu_isa
 from edgeq.core.specs import EdgeqConfig
@@ -52,8 +53,6 @@ def publish_bundle(cfg: EdgeqConfig, int8_onnx: Path, lineage: dict[str, Any], m
     """Write the bundle; returns the manifest. Refuses unless every gate passed."""
     if not gates_passed:
         raise GateError("do not ship: a gate failed, nothing was published")
-    from edgeq.backends import get_backend
-
     store = ArtifactStore(cfg.store_url)
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp) / "bundle"
@@ -64,9 +63,8 @@ def publish_bundle(cfg: EdgeqConfig, int8_onnx: Path, lineage: dict[str, Any], m
         for t in cfg.targets:
             backend = get_backend(t.backend)
             ok, why = backend.availability(t.device)
-            if t.backend in ("declared", "onnxruntime") or not ok:
-                skipped[t.name] = why or ("ships the INT8 ONNX model itself" if t.backend == "onnxruntime"
-                                          else "declared target: compile with the vendor toolchain")
+            if not ok or not backend.ships_compiled_form:
+                skipped[t.name] = why or backend.no_compiled_form_reason(t)
                 continue
             prepared = backend.prepare(int8_onnx, t, stage / t.name)
             forms[t.name] = sorted(str(Path(p).relative_to(stage)) for p in prepared.files.values())

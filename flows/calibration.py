@@ -12,7 +12,6 @@ from pydantic import BaseModel, Field
 
 from edgeq.calibration.versions import CalibrationVersion, Review, load_version, record_decision, set_review
 from edgeq.calibration.versions import now as utc_now
-from edgeq.core.config import load_prepared
 from edgeq.core.store import ArtifactStore
 from edgeq.tasks.calibration import (
     augmentation_task,
@@ -23,6 +22,7 @@ from edgeq.tasks.calibration import (
     leakage_task,
     sample_task,
 )
+from edgeq.tasks.config import load_prepared
 
 
 class CalibrationParams(BaseModel):

@@ -5,7 +5,6 @@ from __future__ import annotations
 from prefect import flow, unmapped
 from pydantic import BaseModel, Field
 
-from edgeq.core.config import load_prepared
 from edgeq.flows.export import run_export_stage
 from edgeq.tasks.compile_check import (
     BenchSettings,
@@ -14,6 +13,7 @@ from edgeq.tasks.compile_check import (
     gate_required_targets,
     publish_matrix,
 )
+from edgeq.tasks.config import load_prepared
 
 
 class CompileCheckParams(BaseModel):
@@ -26,7 +26,7 @@ def run_compile_check_stage(cfg, export_result=None, bench: BenchSettings = Benc
                             gate: bool = True) -> CompileMatrix:
     """The pipeline's compile-check stage (inside a flow): one mapped task per target, matrix artifact, gate.
 
-    Raises CompileCheckFailed (an EdgeqError carrying `.matrix`) when a required target fails, so the
+    Raises CompileCheckFailed (an EdgeqError carrying the matrix as `.report`) when a required target fails, so the
     conversion pipeline stops before quantization.
     """
     result = export_result if export_result is not None else run_export_stage(cfg)

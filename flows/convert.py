@@ -11,13 +11,14 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field
 
-from edgeq.core.config import load_prepared, prepare
+from edgeq.calibration.versions import load_version
 from edgeq.core.errors import SpecError
 from edgeq.core.specs import EdgeqConfig
-from edgeq.core.store import sha256_file
+from edgeq.core.store import ArtifactStore, sha256_file
 from edgeq.flows.compile_check import run_compile_check_stage
 from edgeq.flows.export import run_export_stage
 from edgeq.flows.quantize import run_quantize_stage
+from edgeq.tasks.config import load_prepared, prepare
 from edgeq.tasks.publish import publish_task
 from edgeq.tasks.validate import ValidateResult, publish_validation, validate_task
 
@@ -56,7 +57,8 @@ def lineage(cfg: EdgeqConfig, exported, quantized, calibration) -> dict[str, Any
                   "opset": exported.report.opset, "exporter": exported.report.exporter},
         "calibration": {"version": calibration.version, "size": calibration.size,
                         "reviewer": d.reviewer if d else None, "decided_at": d.decided_at if d else None,
-                        "comment": d.comment if d else None},
+                        "comment": d.comment if d else None,
+                        "record_sha256": calibration.content_sha256, "decision_sha256": d.sha256 if d else None},
         "quantization": {"chosen": chosen.label, "kind": chosen.kind,
                          "settings": {k: v for k, v in chosen.settings.items() if k != "epochs_log"},
                          "types": quantized.report.types, "policy": quantized.report.policy.reasons},
@@ -73,9 +75,6 @@ def convert_model(params: ConvertParams = ConvertParams()) -> dict[str, Any]:
     runs one conversion at a time (deployments/prefect.yaml). No global lock is held here: on a temporary
     (ephemeral) Prefect server nothing reclaims the slot of a killed process, so a crash would block the model.
     """
-    from edgeq.calibration.versions import load_version
-    from edgeq.core.store import ArtifactStore
-
     cfg = resolve_config(params)
     logger = get_run_logger()
     exported = run_export_stage(cfg)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel, Field
 
-from edgeq.core.config import load_prepared
 from edgeq.core.store import ArtifactStore
+from edgeq.tasks.config import load_prepared
 from edgeq.tasks.export import ExportResult, export_task, publish_export_report
 
 

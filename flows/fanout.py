@@ -18,9 +18,10 @@ from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
-from edgeq.core.config import load_prepared
 from edgeq.tasks.compile_check import BenchSettings, CompileMatrix, compile_check_task, gate_required_targets
+from edgeq.tasks.config import load_prepared
 from edgeq.tasks.export import export_task
+from edgeq.tasks.quantize import approved_version_id, quantize_task
 
 
 class FanoutParams(BaseModel):
@@ -53,8 +54,6 @@ def task_runner(params: FanoutParams):
 @flow(name="fanout", log_prints=True)
 def fanout(params: FanoutParams) -> list[dict[str, Any]]:
     """One row per model: the FP32 and (stage 'quantize') INT8 sha256, and each target's compile status."""
-    from edgeq.tasks.quantize import approved_version_id, quantize_task
-
     cfgs = [load_prepared(c) for c in params.configs]
     bench = BenchSettings(warmup=params.warmup, iters=params.iters)
     exports = [export_task.submit(cfg) for cfg in cfgs]

@@ -5,10 +5,10 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel, Field
 
-from edgeq.core.config import load_prepared
 from edgeq.core.store import ArtifactStore
 from edgeq.flows.compile_check import run_compile_check_stage
 from edgeq.flows.export import run_export_stage
+from edgeq.tasks.config import load_prepared
 from edgeq.tasks.quantize import QuantizeResult, approved_version_id, publish_quantization, quantize_task
 
 

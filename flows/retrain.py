@@ -17,12 +17,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
-from edgeq.core.config import load_prepared
 from edgeq.core.errors import EdgeqError, SpecError
-from edgeq.tasks.caching import code_fingerprint, content_key, retry_transient, split_fingerprint
 from edgeq.core.specs import EdgeqConfig, TrainingSpec, load_object
 from edgeq.core.store import ArtifactRef, ArtifactStore
 from edgeq.flows.convert import ConvertParams, convert_model
+from edgeq.publish import read_manifest
+from edgeq.tasks.caching import code_fingerprint, content_key, retry_transient, split_fingerprint
+from edgeq.tasks.config import load_prepared
 
 
 class RetrainParams(BaseModel):
@@ -143,8 +144,6 @@ def retrained_config(cfg: EdgeqConfig, weights: Path) -> dict[str, Any]:
 @flow(name="retrain_to_deploy", log_prints=True)
 def retrain_to_deploy(params: RetrainParams = RetrainParams()) -> RetrainResult:
     """Train, store the new weights, convert them; succeeds only when a bundle is published."""
-    from edgeq.publish import read_manifest
-
     logger = get_run_logger()
     cfg = load_prepared(params.config)
     kwargs = {**training_spec(cfg).kwargs, **params.train_kwargs}

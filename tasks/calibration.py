@@ -17,7 +17,6 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
 from edgeq.calibration.ingest import (
-    CalibrationError,
     array_to_npy,
     ingest_captures,
     open_npy,
@@ -36,10 +35,10 @@ from edgeq.calibration.select import (
 from edgeq.calibration.versions import CalibrationVersion, version_id, write_candidate
 from edgeq.calibration.versions import now as utc_now
 from edgeq.core.data import load_raw, pixel_hash, preprocess
-from edgeq.core.errors import SpecError
-from edgeq.tasks.caching import content_key, retry_transient
+from edgeq.core.errors import CalibrationError, SpecError
 from edgeq.core.specs import CaptureSpec, EdgeqConfig
 from edgeq.core.store import ArtifactRef, ArtifactStore, sha256_file, sha256_json
+from edgeq.tasks.caching import content_key, retry_transient, split_fingerprint
 
 
 class PoolState(BaseModel):
@@ -279,8 +278,6 @@ def dedupe_task(cfg: EdgeqConfig, state: PoolState) -> PoolState:
 
 
 def _split_key(cfg: EdgeqConfig) -> Any:
-    from edgeq.tasks.caching import split_fingerprint
-
     files = [cfg.data.train_manifest, cfg.data.test_manifest]
     return [split_fingerprint(cfg.data.train), split_fingerprint(cfg.data.test),
             [sha256_file(f) if f is not None and Path(f).is_file() else str(f) for f in files]]

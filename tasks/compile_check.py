@@ -9,13 +9,11 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field
 
-from edgeq.backends import get_backend
-from edgeq.backends.base import CompileReport
-from edgeq.backends.declared import profile_fingerprint
-from edgeq.core.errors import EdgeqError, GateError
-from edgeq.tasks.caching import content_key, retry_transient
+from edgeq.backends import CompileReport, get_backend
+from edgeq.core.errors import CompileCheckFailed, EdgeqError
 from edgeq.core.specs import TargetSpec
 from edgeq.core.store import ArtifactRef, ArtifactStore
+from edgeq.tasks.caching import content_key, retry_transient
 
 MATRIX_COLUMNS = ["target", "backend", "status", "unsupported ops", "control flow", "opset", "precision", "layout",
                   "batch", "compile s", "latency median ms", "latency p90 ms", "threads", "required", "reason"]
@@ -41,29 +39,15 @@ class CompileMatrix(BaseModel):
         return [r for r in self.reports if r.required and not r.ok]
 
 
-class CompileCheckFailed(GateError):
-    """A required target cannot compile the model: the pipeline stops before quantization."""
-
-    def __init__(self, message: str, matrix: CompileMatrix | None = None):
-        super().__init__(message)
-        self.matrix = matrix
-
-    def __reduce__(self):  # keep the matrix when Prefect persists the failed state
-        return (type(self), (str(self), self.matrix))
-
-
-def _toolchain(backend_name: str) -> str:
-    try:
-        return get_backend(backend_name).version()
-    except Exception as exc:  # noqa: BLE001 - an unavailable toolchain is part of the key too
-        return f"unavailable: {type(exc).__name__}"
-
-
 def compile_check_key(onnx: ArtifactRef, target: TargetSpec, bench: BenchSettings, store_url: str) -> str:
-    """ONNX content + target spec + profile content + toolchain version + pipeline version."""
+    """ONNX content + target spec + the backend's fingerprint (toolchain version; a declared target's profile
+    content) + pipeline version."""
+    try:
+        fingerprint = get_backend(target.backend).cache_fingerprint(target)
+    except EdgeqError as exc:  # an unknown backend: check_target turns it into a failed row, cached like any other
+        fingerprint = f"unavailable: {type(exc).__name__}"
     return content_key("compile-check", onnx=onnx.sha256, target=target.model_dump(mode="json"),
-                       profile=profile_fingerprint(target), toolchain=_toolchain(target.backend),
-                       bench=bench.model_dump(), store=store_url)
+                       toolchain=fingerprint, bench=bench.model_dump(), store=store_url)
 
 
 def check_target(onnx: ArtifactRef, target: TargetSpec, store_url: str,
@@ -101,7 +85,7 @@ def gate_required_targets(matrix: CompileMatrix) -> None:
         raise CompileCheckFailed(
             f"{len(bad)} required target(s) cannot take model {matrix.model} (onnx {matrix.onnx_sha256[:12]}…); "
             "the pipeline stops before quantization. Fix the model or the target, or mark the target "
-            "`required: false`:\n" + "\n".join(lines), matrix)
+            "`required: false`:\n" + "\n".join(lines), report=matrix)
 
 
 def matrix_markdown(matrix: CompileMatrix) -> str:

@@ -11,11 +11,11 @@ from pydantic import BaseModel
 
 from edgeq.core.data import load_split
 from edgeq.core.errors import GateError
-from edgeq.export import ExportReport, choose_opset, run_export
 from edgeq.core.modeling import build_model
-from edgeq.tasks.caching import code_fingerprint, content_key, retry_transient, split_fingerprint
 from edgeq.core.specs import EdgeqConfig
 from edgeq.core.store import ArtifactRef, ArtifactStore, sha256_file
+from edgeq.export import ExportReport, choose_opset, run_export
+from edgeq.tasks.caching import code_fingerprint, content_key, retry_transient, split_fingerprint
 
 
 class ExportResult(BaseModel):
@@ -34,7 +34,7 @@ def export_cache_key(cfg: EdgeqConfig) -> str:
         targets=[t.model_dump(mode="json", include={"name", "backend", "max_opset", "profile"}) for t in cfg.targets],
         samples=split_fingerprint(cfg.data.test),
         preprocess=cfg.data.preprocess.model_dump(mode="json"),
-        thresholds=[cfg.thresholds.export_atol, cfg.thresholds.parity_samples],
+        thresholds=[cfg.thresholds.export_atol, cfg.thresholds.parity_samples, cfg.thresholds.probe_atol],
         store=cfg.store_url,
     )
 
@@ -46,7 +46,7 @@ def export_to_store(cfg: EdgeqConfig) -> ExportResult:
     samples = x[: cfg.thresholds.parity_samples]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"{cfg.model.name}.onnx"
-        report = run_export(model, cfg.model, cfg.targets, samples, cfg.thresholds.export_atol, out)
+        report = run_export(model, cfg.model, cfg.targets, samples, cfg.thresholds, out)
         ref = ArtifactStore(cfg.store_url).put_file(
             out, meta={"stage": "export", "opset": report.opset, "exporter": report.exporter}
         )
@@ -99,7 +99,6 @@ def export_task(cfg: EdgeqConfig) -> ExportResult:
     try:
         return export_to_store(cfg)
     except GateError as exc:
-        report = getattr(exc, "report", None)
-        if report is not None:
-            publish_export_report(report, failed=str(exc))
+        if exc.report is not None:  # refused after measuring: the report says what was measured
+            publish_export_report(exc.report, failed=str(exc))
         raise

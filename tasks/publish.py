@@ -5,9 +5,9 @@ from __future__ import annotations
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from edgeq.publish import bundle_path, emit_published, publish_bundle
 from edgeq.core.specs import EdgeqConfig
 from edgeq.core.store import ArtifactRef, ArtifactStore
+from edgeq.publish import bundle_path, emit_published, publish_bundle
 
 
 @task(name="publish", retries=2, retry_delay_seconds=2)

@@ -9,13 +9,15 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
+from edgeq.calibration.readers import CalibrationReader, open_calibration
+from edgeq.calibration.versions import get_approved
 from edgeq.core.data import load_split
 from edgeq.core.errors import GateError
 from edgeq.core.modeling import build_model
-from edgeq.tasks.caching import code_fingerprint, content_key, retry_transient, split_fingerprint
-from edgeq.quantization.escalate import QuantizationReport, format_attempts, run_quantization
 from edgeq.core.specs import EdgeqConfig
 from edgeq.core.store import ArtifactRef, ArtifactStore, sha256_file
+from edgeq.quantization.escalate import QuantizationReport, format_attempts, run_quantization
+from edgeq.tasks.caching import code_fingerprint, content_key, retry_transient, split_fingerprint
 
 
 class QuantizeResult(BaseModel):
@@ -23,19 +25,17 @@ class QuantizeResult(BaseModel):
     report: QuantizationReport
 
 
-def resolve_calibration(cfg: EdgeqConfig, version: str | None = None):
-    """The approved calibration set (reader) named by `version`, the config, or 'latest' for this model."""
-    from edgeq.calibration.readers import open_calibration
-
+def resolve_calibration(cfg: EdgeqConfig, version: str | None = None) -> CalibrationReader:
+    """The approved calibration version named by `version`, the config, or 'latest' for this model, as a reader that
+    feeds the model's input in its declared dtype."""
+    first = cfg.model.inputs[0]
     return open_calibration(cfg.store_url, version or cfg.quantization.calibration, model=cfg.model.name,
-                            input_name=cfg.model.inputs[0].name)
+                            input_name=first.name, dtype=first.dtype)
 
 
 def approved_version_id(cfg: EdgeqConfig, version: str | None = None) -> str:
     """The id of the approved version named by `version` (or 'latest'), from its record alone: refuses a candidate
     or rejected version before any work, without reading (and hashing) the samples as the reader does."""
-    from edgeq.calibration.versions import get_approved
-
     return get_approved(ArtifactStore(cfg.store_url), version or cfg.quantization.calibration,
                         model=cfg.model.name).version
 
@@ -62,7 +62,7 @@ def quantize_to_store(cfg: EdgeqConfig, fp32: ArtifactRef, calibration_version: 
     if cfg.quantization.mode != "ptq" and cfg.data.train is not None:
         train = load_split(cfg.data.train, cfg.data.preprocess)
     with tempfile.TemporaryDirectory() as tmp:
-        report = run_quantization(cfg, store.local_path(fp32), build_model(cfg.model), cal.samples,
+        report = run_quantization(cfg, store.local_path(fp32), build_model(cfg.model), cal,
                                   cal.version.version, val, train, Path(tmp), opset, log=log)
         chosen = report.chosen_attempt
         ref = store.put_file(Path(tmp) / f"{cfg.model.name}-int8.onnx",
@@ -107,6 +107,6 @@ def quantize_task(cfg: EdgeqConfig, fp32: ArtifactRef, calibration_version: str,
     try:
         return quantize_to_store(cfg, fp32, calibration_version, opset, log=logger.info)
     except GateError as exc:
-        if getattr(exc, "report", None) is not None:
+        if exc.report is not None:
             publish_quantization(exc.report, failed=str(exc))
         raise

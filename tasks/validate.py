@@ -6,12 +6,14 @@ from prefect import task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
+from edgeq.calibration.ingest import open_npy
+from edgeq.calibration.versions import load_version
 from edgeq.core.data import load_raw, load_split, read_table
 from edgeq.core.errors import GateError
 from edgeq.core.modeling import build_model
-from edgeq.tasks.caching import content_key, retry_transient, split_fingerprint
 from edgeq.core.specs import EdgeqConfig
 from edgeq.core.store import ArtifactRef, ArtifactStore
+from edgeq.tasks.caching import content_key, retry_transient, split_fingerprint
 from edgeq.validation import ValidationReport, chart_png, check_disjoint, format_table, png_data_uri, validate_four_way
 
 
@@ -27,16 +29,12 @@ def validate_to_store(cfg: EdgeqConfig, fp32: ArtifactRef, int8: ArtifactRef, ca
 
     Raises GateError ("do not ship") naming every failed gate; the report rides on the exception.
     """
-    from edgeq.calibration.versions import load_version
-
     store = ArtifactStore(cfg.store_url)
     version = load_version(store, calibration_version)
     manifest = read_table(store.local_path(version.artifacts["manifest"]))
     raw, _ = load_raw(cfg.data.test)
     check_disjoint(raw, set(manifest["sha256"]), calibration_version)
     test = load_split(cfg.data.test, cfg.data.preprocess)
-    from edgeq.calibration.ingest import open_npy
-
     calib = open_npy(store.local_path(version.artifacts["samples"]))
     report = validate_four_way(cfg, build_model(cfg.model), store.local_path(fp32), store.local_path(int8), test,
                                calib, calibration_version, opset)
@@ -44,11 +42,9 @@ def validate_to_store(cfg: EdgeqConfig, fp32: ArtifactRef, int8: ArtifactRef, ca
     ref = store.put_json(report.model_dump(mode="json"), "four-way.json")
     if not report.passed:
         failed = report.failed_gates()
-        err = GateError("do not ship: " + "; ".join(f"{g.gate} failed at {g.pair}: {g.measured} (threshold "
-                                                    f"{g.threshold})" for g in failed) + "\n" + format_table(report))
-        err.report = report
-        err.chart = chart
-        raise err
+        raise GateError("do not ship: " + "; ".join(f"{g.gate} failed at {g.pair}: {g.measured} (threshold "
+                                                    f"{g.threshold})" for g in failed) + "\n" + format_table(report),
+                        report=report, chart=chart)
     return ValidateResult(report=report, report_json=ref, chart=chart)
 
 
@@ -99,7 +95,6 @@ def validate_task(cfg: EdgeqConfig, fp32: ArtifactRef, int8: ArtifactRef, calibr
     try:
         return validate_to_store(cfg, fp32, int8, calibration_version, opset)
     except GateError as exc:
-        if getattr(exc, "report", None) is not None:
-            store = ArtifactStore(cfg.store_url)
-            publish_validation(exc.report, store.read_bytes(exc.chart))
+        if exc.report is not None:
+            publish_validation(exc.report, ArtifactStore(cfg.store_url).read_bytes(exc.chart))
         raise

@@ -65,7 +65,7 @@ def demo_config_path(demo_root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_cfg(demo_config_path: Path):
-    from edgeq.core.config import load_prepared
+    from edgeq.tasks.config import load_prepared
 
     return load_prepared(demo_config_path)
 
@@ -110,7 +110,7 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SESSION_TMP, ignore_errors=True)
 
 
-# --- issue 8: the bad-input catalogue's size in the summary (tests/reliability/test_bad_input_catalogue.py).
+# --- The bad-input catalogue's size in the summary (tests/reliability/test_bad_input_catalogue.py).
 # A hook here, not in a tests/reliability/conftest.py: a second `conftest` module would shadow `from tests.conftest import`.
 def pytest_terminal_summary(terminalreporter):
     reports = [r for key in ("passed", "failed") for r in terminalreporter.stats.get(key, [])

@@ -7,8 +7,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tests.conftest import write_config
 from edgeq.cli import app
+from tests.conftest import write_config
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,11 @@ def test_demo_command_converts_and_publishes_then_reruns_from_cache(prefect_serv
     assert len(bundles) == 1
     manifest = json.loads((bundles[0] / "manifest.json").read_text())
     assert manifest["calibration"]["reviewer"] == "edgeq-demo"
+    from edgeq.calibration.versions import load_version
+    from edgeq.core.store import ArtifactStore
+
+    version = load_version(ArtifactStore(store), manifest["calibration"]["version"])
+    assert manifest["calibration"]["decision_sha256"] == version.decision.sha256 != ""  # the sealed decision
     assert f"published {manifest['bundle_id']}" in res.output
 
     # The published event reached the Prefect API, for automations.

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 
 from edgeq.core.data import pixel_hash
-from edgeq.demo import ensure_demo
 from edgeq.core.store import sha256_file
+from edgeq.demo import ensure_demo
 
 
 def test_demo_is_deterministic_and_a_second_call_is_a_no_op(demo_root, tmp_path):

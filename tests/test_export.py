@@ -9,12 +9,11 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import write_config
-from edgeq.core.config import load_prepared
 from edgeq.core.errors import ExportError, GateError, SpecError
 from edgeq.core.store import ArtifactStore
+from edgeq.tasks.config import load_prepared
 from edgeq.tasks.export import export_to_store
-
+from tests.conftest import write_config
 
 # Runtimes that read opset 18+, so the torch.export-based exporter is used (the demo's declared target caps at 17).
 MODERN = [{"name": "ort-cpu", "backend": "onnxruntime"}, {"name": "openvino-cpu", "backend": "openvino"}]

@@ -6,9 +6,9 @@ import yaml
 from prefect import flow
 from typer.testing import CliRunner
 
-from tests.conftest import write_config
-from edgeq.core.config import load_prepared
+from edgeq.tasks.config import load_prepared
 from edgeq.tasks.export import export_task
+from tests.conftest import write_config
 
 
 @flow

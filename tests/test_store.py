@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from edgeq.core.store import ArtifactStore, IntegrityError, sha256_bytes
+from edgeq.core.errors import IntegrityError
+from edgeq.core.store import ArtifactStore, sha256_bytes
 
 
 def test_content_addressed_and_idempotent(tmp_path):

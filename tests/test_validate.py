@@ -7,20 +7,21 @@ import onnx
 import pytest
 import yaml
 
+from edgeq.calibration.readers import CalibrationReader
 from edgeq.calibration.versions import record_decision
-from tests.conftest import write_config
-from edgeq.core.config import load_prepared
 from edgeq.core.data import load_split
 from edgeq.core.errors import GateError
 from edgeq.core.modeling import build_model
-from edgeq.publish import publish_bundle, read_manifest
-from edgeq.quantization.ptq import PTQSettings, quantize
 from edgeq.core.platform import x86_without_vnni
 from edgeq.core.store import ArtifactStore
-from edgeq.validation import validate_four_way
+from edgeq.publish import publish_bundle, read_manifest
+from edgeq.quantization.ptq import PTQSettings, quantize
 from edgeq.tasks.calibration import build_calibration_candidate
+from edgeq.tasks.config import load_prepared
 from edgeq.tasks.export import export_to_store
 from edgeq.tasks.validate import validate_to_store
+from edgeq.validation import validate_four_way
+from tests.conftest import write_config
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def setup(tmp_path_factory, demo_root):
     fp32 = store.local_path(exported.onnx)
     calib = np.load(store.local_path(version.artifacts["samples"]))
     int8 = folder / "int8.onnx"
-    quantize(fp32, int8, calib, "image", PTQSettings(reduce_range=x86_without_vnni()))
+    quantize(fp32, int8, CalibrationReader({"image": calib}), PTQSettings.from_spec(reduce_range=x86_without_vnni()))
     return {"cfg": cfg, "store": store, "exported": exported, "version": version, "fp32": fp32, "int8": int8,
             "calib": calib, "model": build_model(cfg.model), "test": load_split(cfg.data.test, cfg.data.preprocess),
             "folder": folder}
@@ -88,7 +89,8 @@ def test_perturbed_weight_after_export_fails_parity_and_names_the_node(setup):
 def test_calibration_on_one_repeated_blank_frame_fails_the_int8_gate(setup):
     blank = np.repeat(np.zeros_like(setup["calib"][:1]), 256, axis=0)
     bad = setup["folder"] / "int8-blank.onnx"
-    quantize(setup["fp32"], bad, blank, "image", PTQSettings(reduce_range=x86_without_vnni()))
+    quantize(setup["fp32"], bad, CalibrationReader({"image": blank}),
+             PTQSettings.from_spec(reduce_range=x86_without_vnni()))
     rep = _validate(setup, int8=bad)
     g = rep.gates[1]
     assert [x.gate for x in rep.failed_gates()][0] == "INT8 accuracy SLA"

@@ -59,12 +59,12 @@ def prefect_pipeline(config: Path) -> str:
 def plain_pipeline(config: Path) -> str:
     """The same stages as plain functions, in the flows' order, no Prefect."""
     from edgeq.calibration.versions import load_version, record_decision
-    from edgeq.core.config import load_prepared
-    from edgeq.publish import publish_bundle
     from edgeq.core.store import ArtifactStore
     from edgeq.flows.convert import lineage
+    from edgeq.publish import publish_bundle
     from edgeq.tasks.calibration import build_calibration_candidate
     from edgeq.tasks.compile_check import CompileMatrix, check_target, gate_required_targets
+    from edgeq.tasks.config import load_prepared
     from edgeq.tasks.export import export_to_store
     from edgeq.tasks.quantize import quantize_to_store
     from edgeq.tasks.validate import validate_to_store

@@ -124,8 +124,7 @@ def export(model: nn.Module, example: np.ndarray, path: Path) -> None:
 def paired_latency(fp32: Path, int8: Path, backend_name: str, sample: np.ndarray, iters: int,
                    rounds: int = 5) -> tuple[float, float, str]:
     """FP32 and INT8 batch-1 medians, measured in alternating rounds so machine noise hits both alike."""
-    from edgeq.backends import get_backend
-    from edgeq.backends.base import benchmark
+    from edgeq.backends import benchmark, get_backend
     from edgeq.core.specs import TargetSpec
 
     target = TargetSpec(name=backend_name, backend=backend_name, precision="fp32")
@@ -156,10 +155,11 @@ def main() -> None:
     ap.add_argument("--demo-root", default=".edgeq/demo")
     args = ap.parse_args()
 
-    from edgeq.demo import digits_net, ensure_demo
+    from edgeq.calibration.readers import CalibrationReader
     from edgeq.core.modeling import load_state_dict
-    from edgeq.quantization.ptq import PTQSettings, quantize
     from edgeq.core.platform import x86_without_vnni
+    from edgeq.demo import digits_net, ensure_demo
+    from edgeq.quantization.ptq import PTQSettings, quantize
 
     root = ensure_demo(args.demo_root)
     z = {k: np.load(root / f"{k}.npz") for k in ("train", "test", "pool")}
@@ -180,7 +180,8 @@ def main() -> None:
             calib = prep(z["pool"]["x"][:256])
             fp32, int8 = tmp / f"{name.split()[0]}.onnx", tmp / f"{name.split()[0]}-int8.onnx"
             export(model, xt[:2], fp32)
-            quantize(fp32, int8, calib, "image", PTQSettings(reduce_range=x86_without_vnni()))
+            quantize(fp32, int8, CalibrationReader({"image": calib}),
+                     PTQSettings.from_spec(reduce_range=x86_without_vnni()))
             row = {"model": name, "fp32 top1": accuracy(fp32, xt, yt), "int8 top1": accuracy(int8, xt, yt)}
             for b in ("onnxruntime", "openvino"):
                 f_ms, i_ms, f_prec = paired_latency(fp32, int8, b, xt[0], args.iters)

@@ -69,9 +69,9 @@ def _weights(root: Path, folder: Path, width: int) -> Path:
 def _seed_store(root: Path, work: Path) -> tuple[Path, str]:
     """A store holding an approved calibration version for the demo model (copied per measurement)."""
     from edgeq.calibration.versions import record_decision
-    from edgeq.core.config import load_prepared
     from edgeq.core.store import ArtifactStore
     from edgeq.tasks.calibration import build_calibration_candidate
+    from edgeq.tasks.config import load_prepared
 
     store = work / "seed-store"
     cfg = load_prepared(_config(root, work / "seed", store, 16, root / "digits_cnn.safetensors"))

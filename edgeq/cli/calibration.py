@@ -11,7 +11,6 @@ from rich.table import Table
 from edgeq.cli.common import console, fail, run_flow
 from edgeq.core.errors import EdgeqError
 
-
 _CONFIG = typer.Option(Path("digits-demo.yaml"), "--config", "-c", help="edgeq YAML config (names the store)")
 _STORE = typer.Option(None, "--store", help="artifact store folder or URL (instead of --config)")
 

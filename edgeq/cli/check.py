@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgeq.cli.common import console, fail
-from edgeq.core.errors import EdgeqError
+from edgeq.core.errors import CompileCheckFailed, EdgeqError
 
 _STATUS_STYLE = {"compiled": "green", "declared-ok": "cyan", "failed": "bold red", "unavailable": "yellow"}
 
@@ -64,7 +64,6 @@ def check(
 ) -> None:
     """Export (cached) and compile-check every target; exit 1 when a required target fails."""
     from edgeq.flows.compile_check import CompileCheckParams, compile_check
-    from edgeq.tasks.compile_check import CompileCheckFailed
 
     state = compile_check(CompileCheckParams(config=str(config), warmup=warmup, iters=iters), return_state=True)
     if state.is_completed():
@@ -73,7 +72,7 @@ def check(
     try:
         state.result()
     except CompileCheckFailed as exc:
-        print_matrix(exc.matrix)
+        print_matrix(exc.report)
         fail(escape(str(exc)))
     except EdgeqError as exc:
         fail(str(exc))

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from edgeq.cli.common import console, run_flow
 
+
 def print_export_report(report) -> None:
     t = Table(title=f"export of {report.model}: opset {report.opset} ({report.exporter} exporter)")
     for col in ("output", "max abs diff", "max rel diff", "worst sample", "samples", "tolerance", "parity"):
@@ -89,8 +90,8 @@ def quantize(
     calibration: str = typer.Option(None, "--calibration", "-c", help="approved calibration version id (default: latest approved)"),
 ) -> None:
     """Quantize to INT8 QDQ ONNX from an approved calibration version, escalating until the SLA holds."""
-    from edgeq.quantization.escalate import format_attempts
     from edgeq.flows.quantize import QuantizeParams, quantize_model
+    from edgeq.quantization.escalate import format_attempts
 
     result = run_flow(quantize_model, QuantizeParams(config=str(config), calibration=calibration))
     rep = result.report

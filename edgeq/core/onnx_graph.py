@@ -8,14 +8,22 @@ from typing import Any, Iterator
 import numpy as np
 from pydantic import BaseModel
 
-from edgeq.core.errors import ModelFileError
+from edgeq.core.errors import ModelFileError, SpecError
 
 # Control-flow ops whose support differs between runtimes and compilers.
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
 STANDARD_DOMAINS = ("", "ai.onnx")
 
-ONNX_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64, 9: np.bool_,
-                10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
+# The one tensor type table: ONNX TensorProto element type -> (numpy type, ONNX Runtime's type string).
+_TENSOR_TYPES = {
+    1: (np.float32, "tensor(float)"), 2: (np.uint8, "tensor(uint8)"), 3: (np.int8, "tensor(int8)"),
+    5: (np.int16, "tensor(int16)"), 6: (np.int32, "tensor(int32)"), 7: (np.int64, "tensor(int64)"),
+    9: (np.bool_, "tensor(bool)"), 10: (np.float16, "tensor(float16)"), 11: (np.float64, "tensor(double)"),
+    12: (np.uint32, "tensor(uint32)"), 13: (np.uint64, "tensor(uint64)"),
+}
+ONNX_DTYPES = {elem: np_type for elem, (np_type, _) in _TENSOR_TYPES.items()}
+# ONNX Runtime's NodeArg.type ("tensor(float)") -> numpy dtype name ("float32").
+ORT_DTYPES = {ort_type: np.dtype(np_type).name for np_type, ort_type in _TENSOR_TYPES.values()}
 QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
                         "MatMulInteger", "DynamicQuantizeLinear"})
 
@@ -114,13 +122,34 @@ def onnx_precision(model) -> str:
     return "f16" if 10 in kinds and 1 not in kinds else "f32"
 
 
+def make_feeds(inputs: list[TensorMeta], dims: dict[str, int] | None = None, samples: np.ndarray | None = None,
+               seed: int = 0, samples_hint: str = "") -> dict[str, np.ndarray]:
+    """Feeds for every input: real `samples` for the first input, random normal floats, zero integers.
+
+    A dynamic dimension takes its size from `dims` (1 when it is not there). `samples` are repeated along the
+    batch axis to fill it; their other dimensions must match the input's (a SpecError naming both shapes,
+    with `samples_hint` saying which setting to compare, otherwise).
+    """
+    rng = np.random.default_rng(seed)
+    dims = dims or {}
+    feeds = {}
+    for i, m in enumerate(inputs):
+        shape = tuple(d if isinstance(d, int) else dims.get(d, 1) for d in m.shape)
+        dt = np.dtype(m.dtype)
+        if i == 0 and samples is not None:
+            if samples.shape[1:] != shape[1:]:
+                raise SpecError(
+                    f"input {m.name!r} expects samples of shape {list(m.shape[1:])} "
+                    f"but the data has {list(samples.shape[1:])}" + (f" ({samples_hint})" if samples_hint else ""))
+            reps = int(np.ceil(shape[0] / len(samples)))
+            feeds[m.name] = np.concatenate([samples] * reps)[: shape[0]].astype(dt)
+        elif np.issubdtype(dt, np.floating):
+            feeds[m.name] = rng.standard_normal(shape).astype(dt)
+        else:
+            feeds[m.name] = np.zeros(shape, dtype=dt)
+    return feeds
+
+
 def sample_feeds(inputs: list[TensorMeta], seed: int = 0) -> dict[str, np.ndarray]:
     """Random feeds of the given static shapes (dynamic dims as 1): for smoke runs and benchmarks."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for m in inputs:
-        shape = tuple(d if isinstance(d, int) else 1 for d in m.shape)
-        dt = np.dtype(m.dtype)
-        feeds[m.name] = (rng.standard_normal(shape).astype(dt) if np.issubdtype(dt, np.floating)
-                         else np.zeros(shape, dtype=dt))
-    return feeds
+    return make_feeds(inputs, seed=seed)

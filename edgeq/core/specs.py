@@ -140,13 +140,6 @@ class TargetSpec(Spec):
         None, description="backend 'command': a program run as COMMAND MODEL INPUTS.npz OUTPUTS.npz (a remote device)")
     threads: int | None = Field(None, ge=1, description="inference threads; default: every CPU this process may use")
 
-    @model_validator(mode="after")
-    def _declared_needs_profile(self) -> "TargetSpec":
-        if self.backend == "declared" and self.profile is None:
-            raise ValueError(f"target {self.name!r}: backend 'declared' needs 'profile' (a target profile YAML, "
-                             "e.g. backends/profiles/hailo8-example.yaml)")
-        return self
-
 
 class Preprocess(Spec):
     """What the model sees: x = (raw * scale - mean) / std, per channel when lists."""
@@ -214,17 +207,33 @@ class Thresholds(Spec):
     int8_max_drop: float = Field(0.01, ge=0, description="INT8 metric may drop at most this much (0.01 = 1 point)")
     device_quant_steps: float = Field(3.0, gt=0, description="device vs ONNX INT8: outputs within this many steps")
     device_min_agreement: float = Field(0.99, ge=0, le=1, description="device vs ONNX INT8 top-1 agreement")
+    probe_atol: float = Field(
+        1e-4, gt=0, description="dynamic-shape probe, PyTorch vs ONNX at other sizes: max abs diff (never below "
+                                "export_atol); it looks for baked-in shapes, float noise is the parity gate's job")
+    qat_parity_steps: float = Field(
+        3.0, gt=0, description="QAT export check, ONNX Runtime vs the QAT model in PyTorch: tolerance in output "
+                               "quantization steps ((max - min) / 255 of the PyTorch outputs)")
+    qat_min_agreement: float = Field(0.99, ge=0, le=1, description="QAT export check: top-1 agreement")
+    qat_near_tie: float = Field(
+        2.0, ge=0, description="QAT export check: a top-1 disagreement where the PyTorch top-1 margin is within this "
+                               "many tolerances is a near tie a rounding difference can flip; excused from the agreement")
+
+
+# Typed once: the config's PTQ choices here, and each attempt's values in edgeq.quantization.ptq.PTQSettings.
+PTQEngine = Literal["onnxruntime", "nncf"]
+PTQMethod = Literal["minmax", "entropy", "percentile"]
+Int8Types = Literal["u8s8", "s8s8"]  # activations/weights
 
 
 class QuantizationSpec(Spec):
     """How to reach INT8. Defaults follow what was measured on x86 CPUs, not the libraries' defaults."""
 
     mode: Literal["auto", "ptq", "qat"] = Field("auto", description="auto: policy, then escalation until the SLA holds")
-    engine: Literal["onnxruntime", "nncf"] = Field("onnxruntime", description="first PTQ engine (auto tries both)")
+    engine: PTQEngine = Field("onnxruntime", description="first PTQ engine (auto tries both)")
     calibration: str = Field("latest", description="approved calibration version id, or 'latest' approved")
-    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    method: PTQMethod = "minmax"
     per_channel: bool = Field(True, description="per-channel weights (per-tensor costs far more accuracy)")
-    types: Literal["auto", "u8s8", "s8s8"] = Field(
+    types: Literal["auto", Int8Types] = Field(
         "auto", description="activation/weight types; auto chooses per deployment target, reason recorded")
     reduce_range: bool | None = Field(
         None, description="7-bit weights against U8S8 saturation on x86 CPUs without VNNI; default: decided from "

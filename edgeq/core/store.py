@@ -19,13 +19,9 @@ from typing import Any, BinaryIO
 import fsspec
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgeq.core.errors import EdgeqError
+from edgeq.core.errors import IntegrityError
 
 _CHUNK = 1 << 20
-
-
-class IntegrityError(EdgeqError):
-    """An artifact's bytes no longer match the sha256 it was stored under."""
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -179,6 +175,10 @@ class ArtifactStore:
         data = json.dumps(obj, sort_keys=True, indent=2, default=str).encode()
         self._atomic_put(None, data, key)
         return self._uri(key)
+
+    def record_location(self, relpath: str) -> str:
+        """Where a record lives (a path or URL), for messages that name the file."""
+        return f"{self.root}/records/{relpath}"
 
     def read_record(self, relpath: str) -> Any | None:
         key = f"{self._base}/records/{relpath}"

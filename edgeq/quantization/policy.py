@@ -51,7 +51,7 @@ def scan_architecture(model: nn.Module, metric: str) -> ArchitectureScan:
 
 
 def decide(model: nn.Module, metric: str, mode: str, sla: str) -> PolicyDecision:
-    """DESIGN.md's policy: ResNet-style -> PTQ; mobile -> PTQ first, QAT likely; attention / custom norm /
+    """The policy of docs/DESIGN.md: ResNet-style -> PTQ; mobile -> PTQ first, QAT likely; attention / custom norm /
     cosine scoring -> QAT; a fixed SLA -> QAT regardless."""
     scan = scan_architecture(model, metric)
     if scan.attention or scan.custom_norms or scan.cosine_head:

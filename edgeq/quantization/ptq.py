@@ -4,70 +4,74 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
-import numpy as np
 import onnx
-from edgeq.core.quiet import muted_output
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
+from edgeq.calibration.readers import CalibrationReader
 from edgeq.core.errors import SpecError
+from edgeq.core.quiet import muted_output
+from edgeq.core.specs import Int8Types, PTQEngine, PTQMethod, QuantizationSpec
 
 _METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
 
 class PTQSettings(BaseModel):
-    engine: str = "onnxruntime"  # or "nncf"
-    method: str = "minmax"
-    types: str = "u8s8"  # activations/weights
-    reduce_range: bool = False  # 7-bit weights (x86 CPUs without VNNI)
-    per_channel: bool = True
-    op_types: list[str] = Field(default_factory=lambda: ["Conv", "ConvTranspose", "MatMul", "Gemm"])
-    keep_fp32_nodes: list[str] = Field(default_factory=list)
-    keep_fp32_op_types: list[str] = Field(default_factory=list)
+    """One PTQ attempt.
+
+    The config's `quantization` section (`spec`) fixes what every attempt shares: per-channel weights, the op types
+    to quantize and the op types kept in FP32. The run resolves `types` and `reduce_range` for the deployment target.
+    The escalation varies the rest from attempt to attempt.
+    """
+
+    spec: QuantizationSpec
+    types: Int8Types
+    reduce_range: bool  # 7-bit weights (x86 CPUs without VNNI)
+    engine: PTQEngine
+    method: PTQMethod
+    keep_fp32_nodes: list[str]
+
+    @classmethod
+    def from_spec(cls, spec: QuantizationSpec | None = None, types: Int8Types = "u8s8",
+                  reduce_range: bool = False) -> PTQSettings:
+        """The first attempt: the config's choices (default: `QuantizationSpec()`'s) with the run's resolved
+        `types` and `reduce_range`."""
+        spec = spec or QuantizationSpec()
+        return cls(spec=spec, types=types, reduce_range=reduce_range, engine=spec.engine, method=spec.method,
+                   keep_fp32_nodes=list(spec.keep_fp32_nodes))
+
+    def record(self) -> dict[str, Any]:
+        """The attempt's settings as its report row keeps them."""
+        return {"engine": self.engine, "method": self.method, "types": self.types, "reduce_range": self.reduce_range,
+                "per_channel": self.spec.per_channel, "op_types": list(self.spec.op_types),
+                "keep_fp32_nodes": list(self.keep_fp32_nodes), "keep_fp32_op_types": list(self.spec.keep_fp32_op_types)}
 
     def label(self) -> str:
         extra = f", fp32: {', '.join(self.keep_fp32_nodes)}" if self.keep_fp32_nodes else ""
         if self.engine == "nncf":
             return f"nncf PTQ (bias correction){extra}"
         rr = " reduce-range" if self.reduce_range else ""
-        return f"ort PTQ {self.method} {self.types}{rr}{' per-channel' if self.per_channel else ' per-tensor'}{extra}"
+        per = " per-channel" if self.spec.per_channel else " per-tensor"
+        return f"ort PTQ {self.method} {self.types}{rr}{per}{extra}"
 
 
-class ArrayReader:
-    """ONNX Runtime CalibrationDataReader over preprocessed samples, one sample per batch."""
-
-    def __init__(self, input_name: str, samples: np.ndarray):
-        self.input_name, self.samples = input_name, samples
-        self._it: Iterator[np.ndarray] = iter(samples)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        x = next(self._it, None)
-        return None if x is None else {self.input_name: x[None].astype(np.float32)}
-
-    def rewind(self) -> None:
-        self._it = iter(self.samples)
-
-    def __iter__(self):  # ONNX Runtime's qdq_loss_debug iterates readers
-        self.rewind()
-        return iter(self.get_next, None)
-
-
-def check_calibration_shapes(model_path: Path, input_name: str, samples: np.ndarray) -> None:
-    """Calibration samples must fit the model's input (batch of 1)."""
+def check_calibration_shapes(model_path: Path, data: CalibrationReader) -> None:
+    """Every input's calibration samples must fit that model input (batch of 1)."""
     model = onnx.load(str(model_path), load_external_data=False)
-    inp = next((i for i in model.graph.input if i.name == input_name), None)
-    if inp is None:
-        raise SpecError(f"model has no input {input_name!r} for calibration data")
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
-    want = dims[1:]
-    got = list(samples.shape[1:])
-    if len(want) != len(got) or any(w is not None and w != g for w, g in zip(want, got)):
-        raise SpecError(
-            f"calibration samples have shape {got} per sample but model input {input_name!r} expects "
-            f"{['?' if w is None else w for w in want]}: the calibration version was built for another model "
-            "or preprocessing"
-        )
+    for input_name, samples in data.inputs.items():
+        inp = next((i for i in model.graph.input if i.name == input_name), None)
+        if inp is None:
+            raise SpecError(f"model has no input {input_name!r} for calibration data")
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
+        want = dims[1:]
+        got = list(samples.shape[1:])
+        if len(want) != len(got) or any(w is not None and w != g for w, g in zip(want, got)):
+            raise SpecError(
+                f"calibration samples have shape {got} per sample but model input {input_name!r} expects "
+                f"{['?' if w is None else w for w in want]}: the calibration version was built for another model "
+                "or preprocessing"
+            )
 
 
 def node_names(model_path: Path) -> set[str]:
@@ -94,16 +98,17 @@ def preprocess_model(src: Path, dst: Path) -> Path:
     return dst
 
 
-def quantize_onnxruntime(src: Path, dst: Path, samples: np.ndarray, input_name: str, s: PTQSettings) -> Path:
+def quantize_onnxruntime(src: Path, dst: Path, data: CalibrationReader, s: PTQSettings) -> Path:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     act = QuantType.QUInt8 if s.types == "u8s8" else QuantType.QInt8
     model = onnx.load(str(src), load_external_data=False)
-    excluded = set(s.keep_fp32_nodes) | {n.name for n in model.graph.node if n.op_type in s.keep_fp32_op_types}
+    excluded = set(s.keep_fp32_nodes) | {n.name for n in model.graph.node if n.op_type in s.spec.keep_fp32_op_types}
+    data.rewind()  # quantize_static reads from where get_next() stands; an earlier attempt left it at the end
     with muted_output():  # the calibrators print progress
         quantize_static(
-            str(src), str(dst), ArrayReader(input_name, samples),
-            quant_format=QuantFormat.QDQ, op_types_to_quantize=list(s.op_types), per_channel=s.per_channel,
+            str(src), str(dst), data,
+            quant_format=QuantFormat.QDQ, op_types_to_quantize=list(s.spec.op_types), per_channel=s.spec.per_channel,
             activation_type=act, weight_type=QuantType.QInt8, nodes_to_exclude=sorted(excluded),
             reduce_range=s.reduce_range,
             calibrate_method=getattr(CalibrationMethod, _METHODS[s.method]),
@@ -112,17 +117,17 @@ def quantize_onnxruntime(src: Path, dst: Path, samples: np.ndarray, input_name: 
     return dst
 
 
-def quantize_nncf(src: Path, dst: Path, samples: np.ndarray, input_name: str, s: PTQSettings) -> Path:
-    import nncf
+def quantize_nncf(src: Path, dst: Path, data: CalibrationReader, s: PTQSettings) -> Path:
+    import nncf  # seconds to import, and only this engine needs it
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
     model = onnx.load(str(src))
     ignored = None
-    if s.keep_fp32_nodes or s.keep_fp32_op_types:
-        ignored = nncf.IgnoredScope(names=list(s.keep_fp32_nodes), types=list(s.keep_fp32_op_types), validate=False)
-    dataset = nncf.Dataset(samples, lambda x: {input_name: x[None].astype(np.float32)})
+    if s.keep_fp32_nodes or s.spec.keep_fp32_op_types:
+        ignored = nncf.IgnoredScope(names=list(s.keep_fp32_nodes), types=list(s.spec.keep_fp32_op_types),
+                                    validate=False)
     with muted_output(stderr=True):
-        q = nncf.quantize(model, dataset, subset_size=len(samples), ignored_scope=ignored,
+        q = nncf.quantize(model, data.as_nncf_dataset(), subset_size=len(data), ignored_scope=ignored,
                           preset=nncf.QuantizationPreset.MIXED if s.types == "u8s8" else nncf.QuantizationPreset.PERFORMANCE,
                           # NNCF's answer to the same saturation: half the weight range on every layer, not only the first
                           advanced_parameters=AdvancedQuantizationParameters(
@@ -131,15 +136,15 @@ def quantize_nncf(src: Path, dst: Path, samples: np.ndarray, input_name: str, s:
     return dst
 
 
-def quantize(src: Path, dst: Path, samples: np.ndarray, input_name: str, settings: PTQSettings) -> Path:
-    """One PTQ attempt: pre-process, quantize, write `dst` (a QDQ ONNX model)."""
-    check_calibration_shapes(src, input_name, samples)
+def quantize(src: Path, dst: Path, data: CalibrationReader, settings: PTQSettings) -> Path:
+    """One PTQ attempt: pre-process, quantize with `data` as the calibration samples, write `dst` (a QDQ ONNX model)."""
+    check_calibration_shapes(src, data)
     _check_excludes(src, settings)
     with tempfile.TemporaryDirectory() as tmp:
         pre = preprocess_model(src, Path(tmp) / "pre.onnx")
         _check_excludes(pre, settings)
         fn = quantize_nncf if settings.engine == "nncf" else quantize_onnxruntime
-        out = fn(pre, Path(tmp) / "q.onnx", samples, input_name, settings)
+        out = fn(pre, Path(tmp) / "q.onnx", data, settings)
         onnx.checker.check_model(str(out))
         Path(dst).parent.mkdir(parents=True, exist_ok=True)
         Path(out).replace(dst)

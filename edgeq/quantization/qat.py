@@ -28,7 +28,7 @@ The path, checked against the installed nncf 3.4 / torch 2.13:
    (checked: ORT and OpenVINO run the converted model up to opset 23). Opsets below 13
    are refused: per-channel Q/DQ needs opset 13.
 4. Export parity (:func:`check_export_parity`): onnxruntime (CPU) vs the QAT model in
-   PyTorch on the check samples; see its docstring for the tolerance.
+   PyTorch on the check samples; see its docstring for the tolerance (from ``Thresholds``).
 
 The ONNX file is written to a temporary name next to ``out_path`` and renamed only once
 the parity gate passed, so a failed run leaves no artifact at ``out_path``.
@@ -47,14 +47,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgeq.core.compare import Tolerance, compare_output, range_step
 from edgeq.core.errors import ExportError, GateError, SpecError
+from edgeq.core.ort import ort_session
 from edgeq.core.platform import x86_without_vnni
+from edgeq.core.specs import Thresholds
+from edgeq.export import ONNX_EXPORT_LOCK
 
 ENGINE = "nncf-torch-qat"
 TORCHSCRIPT_MAX_OPSET = 20  # torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET in torch 2.13
 MIN_QDQ_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
-PARITY_STEPS = 3.0  # tolerance in output quantization steps
-MIN_TOP1_AGREEMENT = 0.99
 
 
 @dataclass
@@ -71,7 +73,7 @@ class QATResult:
 class ParityCheck:
     max_abs: float
     top1_agreement: float
-    tolerance: float  # PARITY_STEPS x the output's 8-bit step
+    tolerance: float  # Thresholds.qat_parity_steps x the output's 8-bit step
     output_step: float
     near_ties: int  # disagreements on samples whose torch top-1 margin is within 2 x tolerance
     samples: int
@@ -215,8 +217,6 @@ def export_qdq(qmodel: torch.nn.Module, example: np.ndarray, input_name: str, ou
     if n == 0:
         raise ExportError("the QAT model holds no NNCF quantizers: nothing to export as INT8")
     try:
-        from edgeq.export import ONNX_EXPORT_LOCK  # torch.onnx.export is not thread-safe
-
         with ONNX_EXPORT_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # legacy-exporter deprecation, NNCF's .item() TracerWarnings
             torch.onnx.export(
@@ -246,16 +246,8 @@ def export_qdq(qmodel: torch.nn.Module, example: np.ndarray, input_name: str, ou
 
 
 # ---------------------------------------------------------------- parity gate
-def _ort_session(path: Path):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def check_export_parity(onnx_path: Path, torch_model: torch.nn.Module | Callable, samples: np.ndarray,
-                        input_name: str, batch_size: int = 64) -> ParityCheck:
+                        input_name: str, batch_size: int = 64, thresholds: Thresholds | None = None) -> ParityCheck:
     """Gate: the QDQ ONNX model (onnxruntime, CPU) must compute what the fake-quant model computes in PyTorch.
 
     The two cannot agree bit for bit: PyTorch fake-quantizes in float with NNCF's rounding,
@@ -264,21 +256,22 @@ def check_export_parity(onnx_path: Path, torch_model: torch.nn.Module | Callable
     propagates to the outputs. The tolerance is therefore expressed in output steps:
 
         output_step = (max - min of the PyTorch outputs on the check samples) / 255
-        tolerance   = 3 x output_step
+        tolerance   = qat_parity_steps (default 3) x output_step
 
     i.e. the step an 8-bit quantizer over the observed output range would have, times three
     ("a few steps"). On the demo the measured difference is 0.2-0.8 of one step; a wrong
     export (a missing or misplaced quantizer, a wrong scale, a wrong layer) is off by many steps.
 
-    Top-1 agreement must be >= 0.99. A disagreement on a sample whose PyTorch top-1 margin is
-    within 2 x tolerance is a near tie that an allowed rounding difference can flip; it is
-    reported (``near_ties``) and does not count against the 0.99. Raises ``GateError`` with the
-    numbers otherwise.
+    Top-1 agreement must be >= qat_min_agreement (0.99). A disagreement on a sample whose PyTorch
+    top-1 margin is within qat_near_tie (2) x tolerance is a near tie that an allowed rounding
+    difference can flip; it is reported (``near_ties``) and does not count against the floor.
+    Raises ``GateError`` with the numbers otherwise. `thresholds` default: ``Thresholds()``.
     """
+    th = thresholds or Thresholds()
     samples = np.ascontiguousarray(np.asarray(samples, dtype=np.float32))
     if len(samples) == 0:
         raise SpecError("the QAT export parity check needs at least one check sample")
-    session = _ort_session(onnx_path)
+    session = ort_session(onnx_path)
     refs, gots = [], []
     with torch.no_grad():
         for start in range(0, len(samples), batch_size):
@@ -286,29 +279,21 @@ def check_export_parity(onnx_path: Path, torch_model: torch.nn.Module | Callable
             refs.append(np.asarray(torch_model(torch.from_numpy(batch)).detach().float().numpy()))
             gots.append(np.asarray(session.run(None, {input_name: batch})[0], dtype=np.float32))
     ref, got = np.concatenate(refs), np.concatenate(gots)
-    if ref.shape != got.shape:
-        raise GateError(f"QAT export parity: ONNX output shape {got.shape} != PyTorch {ref.shape}")
-    ref2, got2 = ref.reshape(len(ref), -1), got.reshape(len(got), -1)
-    diff = np.abs(ref2 - got2).max(axis=1)
-    worst = int(diff.argmax())
-    max_abs = float(diff[worst])
-    step = float(ref2.max() - ref2.min()) / 255.0
-    tol = PARITY_STEPS * step
-    agree = ref2.argmax(1) == got2.argmax(1)
-    agreement = float(agree.mean())
-    top2 = np.sort(ref2, axis=1)[:, -2:] if ref2.shape[1] > 1 else np.concatenate([ref2, ref2], 1)
-    margin = top2[:, 1] - top2[:, 0]
-    near_ties = int((~agree & (margin <= 2 * tol)).sum())
-    explained = float((agree | (margin <= 2 * tol)).mean())
-    check = ParityCheck(max_abs=max_abs, top1_agreement=agreement, tolerance=tol, output_step=step,
-                        near_ties=near_ties, samples=len(ref), worst_sample=worst)
-    if not np.isfinite(max_abs) or max_abs > tol or explained < MIN_TOP1_AGREEMENT:
+    # The step comes from the PyTorch outputs: the model being checked is the reference here.
+    step = range_step(ref) if ref.size else 0.0
+    tolerance = Tolerance.in_steps(th.qat_parity_steps, step, min_top1=th.qat_min_agreement, near_tie=th.qat_near_tie)
+    rec = compare_output(session.get_outputs()[0].name, ref, got, tolerance, labels=("PyTorch", "ONNX"), top1=True)
+    if rec.max_abs_diff is None:  # shapes differ: no number to hold against the tolerance
+        raise GateError(f"QAT export parity: {rec.error}")
+    check = ParityCheck(max_abs=rec.max_abs_diff, top1_agreement=rec.top1_agreement, tolerance=rec.tolerance,
+                        output_step=step, near_ties=rec.near_ties, samples=rec.samples, worst_sample=rec.worst_sample)
+    if not rec.passed:
         raise GateError(
-            f"QAT export parity failed: ONNX Runtime vs the QAT model in PyTorch on {len(ref)} check samples: "
-            f"max abs diff {max_abs:.4g} (sample {worst}) vs tolerance {tol:.4g} "
-            f"({PARITY_STEPS:g} output steps of {step:.4g}); top-1 agreement {agreement:.4f} "
-            f"({near_ties} near ties excused, required {MIN_TOP1_AGREEMENT}). The exported QDQ graph does not "
-            "compute what the fake-quantized model computes"
+            f"QAT export parity failed: ONNX Runtime vs the QAT model in PyTorch on {rec.samples} check samples: "
+            f"max abs diff {rec.max_abs_diff:.4g} (sample {rec.worst_sample}) vs tolerance {rec.tolerance:.4g} "
+            f"({th.qat_parity_steps:g} output steps of {step:.4g}); top-1 agreement {rec.top1_agreement:.4f} "
+            f"({rec.near_ties} near ties excused, required {th.qat_min_agreement}). The exported QDQ graph does not "
+            "compute what the fake-quantized model computes" + (f" ({rec.error})" if rec.error else "")
         )
     return check
 
@@ -331,6 +316,7 @@ def qat_finetune(
     on_epoch: Callable[[dict], None] | None = None,
     seed: int = 0,
     reduce_range: bool | None = None,
+    thresholds: Thresholds | None = None,
 ) -> QATResult:
     """Fake-quant fine-tune `model` with NNCF and write a QDQ INT8 ONNX model to `out_path`.
 
@@ -341,14 +327,16 @@ def qat_finetune(
     labels)` defaults to cross-entropy. `on_epoch` receives each epoch's
     ``{"epoch", "loss", "train_top1", "seconds"}`` (train_top1 is measured on the training
     batches in train mode, as they were seen). The export is gated by
-    :func:`check_export_parity` (ONNX Runtime vs the QAT model in PyTorch, tolerance 3 output
-    quantization steps, top-1 agreement >= 0.99) on `check_samples` (default: the first 32
-    training samples); a failure raises ``GateError`` and leaves nothing at `out_path`.
+    :func:`check_export_parity` (ONNX Runtime vs the QAT model in PyTorch, tolerance
+    ``thresholds.qat_parity_steps`` output quantization steps, top-1 agreement >=
+    ``thresholds.qat_min_agreement``; default ``Thresholds()``: 3 steps, 0.99) on `check_samples`
+    (default: the first 32 training samples); a failure raises ``GateError`` and leaves nothing at `out_path`.
     `reduce_range` halves every weight quantizer's range (NNCF's overflow fix), which x86 CPUs without VNNI
     need to run U8S8 without saturating; None decides from this machine's CPU.
     """
     import nncf
 
+    th = thresholds or Thresholds()
     calib, train_x, train_y = _check_inputs(calibration, train_x, train_y, opset)
     if epochs < 1:
         raise SpecError(f"QAT needs at least one epoch (qat epochs = {epochs})")
@@ -392,13 +380,13 @@ def qat_finetune(
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp.onnx")
     try:
         notes += export_qdq(qmodel, checks[:1], input_name, output_name, opset, tmp)
-        parity = check_export_parity(tmp, qmodel, checks, input_name, batch_size=max(batch_size, 1))
+        parity = check_export_parity(tmp, qmodel, checks, input_name, batch_size=max(batch_size, 1), thresholds=th)
         os.replace(tmp, out_path)
     finally:
         if tmp.exists():
             tmp.unlink()
     notes.append(f"export parity on {parity.samples} samples: max abs {parity.max_abs:.4g} <= tolerance "
-                 f"{parity.tolerance:.4g} ({PARITY_STEPS:g} x output step {parity.output_step:.4g}); top-1 agreement "
+                 f"{parity.tolerance:.4g} ({th.qat_parity_steps:g} x output step {parity.output_step:.4g}); top-1 agreement "
                  f"{parity.top1_agreement:.4f} ({parity.near_ties} near ties)")
     return QATResult(onnx_path=out_path, epochs=history, parity_max_abs=parity.max_abs,
                      parity_top1_agreement=parity.top1_agreement, engine=ENGINE, notes=notes)

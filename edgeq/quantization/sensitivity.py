@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from edgeq.core.quiet import muted_output
 from pydantic import BaseModel
 
-from edgeq.quantization.ptq import ArrayReader
+from edgeq.calibration.readers import CalibrationReader
+from edgeq.core.quiet import muted_output
 
 
 class SensitivityRow(BaseModel):
@@ -24,8 +24,8 @@ class SensitivityRow(BaseModel):
     xmodel_sqnr_db: float  # INT8 model vs FP32 model at this tensor (accumulated)
 
 
-def sensitivity_table(fp32_pre: Path, qdq: Path, samples: np.ndarray, input_name: str, op_types: list[str]) -> list[SensitivityRow]:
-    """Rows for the outputs of quantizable nodes, most sensitive first."""
+def sensitivity_table(fp32_pre: Path, qdq: Path, data: CalibrationReader, op_types: list[str]) -> list[SensitivityRow]:
+    """Rows for the outputs of quantizable nodes, most sensitive first, measured on the first 32 samples of `data`."""
     from onnxruntime.quantization.qdq_loss_debug import (
         collect_activations,
         compute_activation_error,
@@ -33,13 +33,13 @@ def sensitivity_table(fp32_pre: Path, qdq: Path, samples: np.ndarray, input_name
         modify_model_output_intermediate_tensors,
     )
 
-    samples = samples[:32]
+    reader = data.head(32)
     with tempfile.TemporaryDirectory() as tmp, muted_output():
         f_aug, q_aug = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
         modify_model_output_intermediate_tensors(str(fp32_pre), str(f_aug))
         modify_model_output_intermediate_tensors(str(qdq), str(q_aug))
-        f_act = collect_activations(str(f_aug), ArrayReader(input_name, samples))
-        q_act = collect_activations(str(q_aug), ArrayReader(input_name, samples))
+        f_act = collect_activations(str(f_aug), reader)
+        q_act = collect_activations(str(q_aug), reader)
         errors = compute_activation_error(create_activation_matching(q_act, f_act))
     producers = {o: n for n in onnx.load(str(fp32_pre), load_external_data=False).graph.node for o in n.output}
     rows = []

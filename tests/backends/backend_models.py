@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import onnx
-import pytest
 from onnx import TensorProto, helper
 
 
@@ -31,12 +29,3 @@ def standard_model(path: Path, op_type: str = "Relu", opset: int = 17, batch: in
     model.ir_version = 8
     onnx.save(model, str(path))
     return path
-
-
-@pytest.fixture(scope="session")
-def demo_samples(demo_cfg) -> np.ndarray:
-    """Eight real preprocessed test images, shape [8, 1, 8, 8] (import this fixture into a test module)."""
-    from edgeq.core.data import load_split
-
-    x, _ = load_split(demo_cfg.data.test, demo_cfg.data.preprocess)
-    return x[:8].astype(np.float32)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.backends.backend_models import demo_samples  # noqa: F401 (fixture)
-
 from edgeq.backends import get_backend
 from edgeq.core.specs import TargetSpec
 

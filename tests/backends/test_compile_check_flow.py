@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 import yaml
-from tests.conftest import write_config
 from typer.testing import CliRunner
 
-from edgeq.tasks.compile_check import CompileCheckFailed
+from edgeq.core.errors import CompileCheckFailed
+from tests.conftest import write_config
 
 
 def _artifact(key: str):
@@ -66,7 +66,7 @@ def test_required_target_failure_stops_the_flow_and_the_cli(prefect_server, tmp_
     assert state.is_failed()
     with pytest.raises(CompileCheckFailed, match=r"(?s)stops before quantization.*npu.*Gemm") as info:
         state.result()
-    assert [r.target for r in info.value.matrix.failed_required] == ["npu"]
+    assert [r.target for r in info.value.report.failed_required] == ["npu"]
 
     result = CliRunner().invoke(app, ["check", str(cfg), "--iters", "5", "--warmup", "1"])
     assert result.exit_code == 1

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from tests.backends.backend_models import custom_op_model, standard_model
 
 from edgeq.backends import get_backend
-from edgeq.core.errors import ModelFileError
-from edgeq.core.errors import SpecError
+from edgeq.core.errors import ModelFileError, SpecError
 from edgeq.core.specs import TargetSpec
+from tests.backends.backend_models import custom_op_model, standard_model
 
 
 def declared(profile, **kw) -> TargetSpec:
@@ -61,8 +60,8 @@ def test_opset_above_profile_max(tmp_path):
 def test_missing_profile_is_a_failed_row_naming_the_file(demo_onnx_path, tmp_path):
     r = get_backend("declared").check_compiles(demo_onnx_path, declared(tmp_path / "nope.yaml"))
     assert r.status == "failed" and "nope.yaml" in r.reason and "hailo8-example" in r.reason
-    with pytest.raises(Exception, match="needs 'profile'"):
-        TargetSpec(name="x", backend="declared")
+    with pytest.raises(SpecError, match="target 'x': backend 'declared' needs 'profile'"):
+        get_backend("declared").check_target(TargetSpec(name="x", backend="declared"))
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "declared"])

@@ -38,7 +38,7 @@ def config_with_captures(folder: Path, demo_root: Path, **captures) -> Path:
 
 
 def load_cfg(path: Path):
-    from edgeq.core.config import load_prepared
+    from edgeq.tasks.config import load_prepared
 
     return load_prepared(path)
 

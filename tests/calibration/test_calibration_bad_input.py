@@ -18,7 +18,7 @@ def _build(cfg, **kw):
 
 
 def test_pool_below_minimum_fails_without_override(tmp_path, demo_root):
-    from edgeq.calibration import CalibrationError
+    from edgeq.core.errors import CalibrationError
 
     cap = tiny_pool(tmp_path, demo_root, 40)
     cfg = load_cfg(config_with_captures(tmp_path, demo_root, path=cap, metadata=cap / "metadata.csv", strata=STRATA))
@@ -73,7 +73,7 @@ def test_corrupt_image_is_listed_and_never_used(tmp_path, demo_root):
 
 
 def test_only_corrupt_images_is_an_error(tmp_path, demo_root):
-    from edgeq.calibration import CalibrationError
+    from edgeq.core.errors import CalibrationError
 
     cap = tiny_pool(tmp_path, demo_root, 3)
     for p in pd.read_csv(cap / "metadata.csv")["path"]:
@@ -85,7 +85,7 @@ def test_only_corrupt_images_is_an_error(tmp_path, demo_root):
 
 
 def test_nan_and_inf_arrays_are_listed_and_skipped(tmp_path, demo_root):
-    from edgeq.calibration import CalibrationError
+    from edgeq.core.errors import CalibrationError
 
     x = np.load(demo_root / "pool.npz")["x"][:20].astype(np.float32)
     x[2, 0, 0, 0] = np.nan
@@ -104,7 +104,7 @@ def test_nan_and_inf_arrays_are_listed_and_skipped(tmp_path, demo_root):
 
 
 def test_pool_entirely_in_training_set(tmp_path, demo_root):
-    from edgeq.calibration import CalibrationError
+    from edgeq.core.errors import CalibrationError
 
     x = np.load(demo_root / "train.npz")["x"][:30]
     path, meta = write_array_pool(tmp_path / "arr", x)

@@ -12,8 +12,8 @@ from tests.conftest import write_config
 
 @pytest.fixture(scope="module")
 def demo_candidate(tmp_path_factory, demo_root):
-    from edgeq.core.config import load_prepared
     from edgeq.tasks.calibration import build_calibration_candidate
+    from edgeq.tasks.config import load_prepared
 
     cfg = load_prepared(write_config(tmp_path_factory.mktemp("cal-demo"), demo_root))
     return cfg, build_calibration_candidate(cfg)
@@ -110,8 +110,9 @@ def test_readers_follow_onnxruntime_and_nncf_contracts(demo_candidate, tmp_path)
     from onnx import TensorProto, helper
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
-    from edgeq.calibration import NotApproved, VersionNotFound, open_calibration
+    from edgeq.calibration import open_calibration
     from edgeq.calibration.versions import record_decision
+    from edgeq.core.errors import NotApproved, VersionNotFound
     from edgeq.core.store import ArtifactStore
 
     cfg, cand = demo_candidate

@@ -33,8 +33,9 @@ def _params(cfg_path, **kw):
 def test_review_through_the_paused_flow(prefect_server, cfg_path, decision):
     from prefect.flow_runs import resume_flow_run
 
-    from edgeq.calibration import NotApproved, open_calibration
-    from edgeq.core.config import load_prepared
+    from edgeq.calibration import open_calibration
+    from edgeq.core.errors import NotApproved
+    from edgeq.tasks.config import load_prepared
 
     cfg = load_prepared(cfg_path)
     th, out = _start(_params(cfg_path, review_timeout_s=120))
@@ -62,8 +63,8 @@ def test_cli_review_resumes_the_paused_run(prefect_server, cfg_path):
 
     from edgeq.calibration.versions import load_version
     from edgeq.cli import app
-    from edgeq.core.config import load_prepared
     from edgeq.core.store import ArtifactStore
+    from edgeq.tasks.config import load_prepared
 
     cfg = load_prepared(cfg_path)
     th, out = _start(_params(cfg_path, review_timeout_s=120))
@@ -80,9 +81,9 @@ def test_cli_review_resumes_the_paused_run(prefect_server, cfg_path):
 
 def test_review_timeout_leaves_candidate(prefect_server, cfg_path):
     from edgeq.calibration.versions import list_versions
-    from edgeq.core.config import load_prepared
     from edgeq.core.store import ArtifactStore
     from edgeq.flows.calibration import build_calibration_set
+    from edgeq.tasks.config import load_prepared
 
     cfg = load_prepared(cfg_path)
     state = build_calibration_set(_params(cfg_path, review_timeout_s=2), return_state=True)

@@ -12,8 +12,9 @@ from pathlib import Path
 from uuid import UUID
 
 import pytest
-from tests.deployments.browser import Chromium, chromium_path
+
 from tests.conftest import REPO, write_config
+from tests.deployments.browser import Chromium, chromium_path
 from tests.deployments.local_prefect import LocalPrefect
 
 pytestmark = pytest.mark.timeout(300)
@@ -75,9 +76,9 @@ def artifacts_of(run_id: UUID) -> dict:
 def approved_config(folder: Path, demo_root: Path) -> Path:
     """A demo config whose store holds an approved calibration set (built without Prefect)."""
     from edgeq.calibration.versions import record_decision
-    from edgeq.core.config import load_prepared
     from edgeq.core.store import ArtifactStore
     from edgeq.tasks.calibration import build_calibration_candidate
+    from edgeq.tasks.config import load_prepared
 
     path = write_config(folder, demo_root)
     cfg = load_prepared(path)
@@ -176,9 +177,9 @@ def test_calibration_review_through_api_triggers_conversion(local_prefect, demo_
 def test_retrain_to_deploy_by_deployment_publishes_the_new_weights(local_prefect, converted):
     from prefect.deployments import run_deployment
 
-    from edgeq.publish import read_manifest
     from edgeq.core.specs import load_config
     from edgeq.core.store import ArtifactStore, sha256_file
+    from edgeq.publish import read_manifest
 
     _, cfg = converted  # its store holds an approved calibration set
     run = run_deployment(RETRAIN, parameters={"params": {"config": str(cfg), "train_kwargs": {"epochs": 12}}},

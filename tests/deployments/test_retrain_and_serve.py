@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+
 from tests.conftest import REPO, write_config
 
 
@@ -17,7 +18,7 @@ def wide_trainer(config, width: int = 32):
 
 @pytest.fixture
 def cfg(tmp_path, demo_root):
-    from edgeq.core.config import load_prepared
+    from edgeq.tasks.config import load_prepared
 
     return load_prepared(write_config(tmp_path, demo_root))
 
@@ -25,8 +26,8 @@ def cfg(tmp_path, demo_root):
 def test_training_step_stores_safetensors_that_load_into_the_model(cfg):
     from safetensors.torch import load_file
 
-    from edgeq.demo import digits_net
     from edgeq.core.store import ArtifactStore, sha256_file
+    from edgeq.demo import digits_net
     from edgeq.flows.retrain import retrained_config, train_to_store
 
     result = train_to_store(cfg, {"epochs": 2})
@@ -43,9 +44,9 @@ def test_training_step_stores_safetensors_that_load_into_the_model(cfg):
 
 
 def test_trainer_returning_weights_of_another_shape_names_the_mismatch(tmp_path, demo_root):
-    from edgeq.core.config import load_prepared
     from edgeq.core.errors import SpecError
     from edgeq.flows.retrain import train_to_store
+    from edgeq.tasks.config import load_prepared
 
     cfg = load_prepared(write_config(tmp_path, demo_root,
                                      training={"entrypoint": f"{__name__}:wide_trainer"}))

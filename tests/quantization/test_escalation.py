@@ -3,30 +3,32 @@
 import pytest
 import yaml
 
-from tests.conftest import write_config
-from edgeq.core.config import load_prepared
+from edgeq.calibration.readers import CalibrationReader
 from edgeq.core.data import load_split
 from edgeq.core.errors import GateError
 from edgeq.core.modeling import build_model
-from edgeq.quantization.escalate import run_quantization
 from edgeq.core.store import ArtifactStore
+from edgeq.quantization.escalate import run_quantization
+from edgeq.tasks.config import load_prepared
 from edgeq.tasks.export import export_to_store
+from tests.conftest import write_config
 
 
 def _setup(tmp_path, demo_root, **quant):
     path = write_config(tmp_path, demo_root)
     data = yaml.safe_load(path.read_text())
-    # The demo network with one head input scaled 256x (and the head scaled back): same FP32 function,
+    # The demo network with one head input scaled 1024x (and the head scaled back): same FP32 function,
     # but per-tensor activation ranges crush the other features in INT8.
     data["model"]["factory"] = "tests.edgeq_testmodels:outlier_net"
-    data["model"]["kwargs"] = {"width": 16, "num_classes": 10, "outlier": 256.0}
+    data["model"]["kwargs"] = {"width": 16, "num_classes": 10, "outlier": 1024.0}
     data["targets"] = [{"name": "ort-cpu", "backend": "onnxruntime"}]
     data["quantization"] = {"latency_iters": 10, "qat_epochs": 2, **quant}
     path.write_text(yaml.safe_dump(data))
     cfg = load_prepared(path)
     exported = export_to_store(cfg)
     fp32 = ArtifactStore(cfg.store_url).local_path(exported.onnx)
-    calib = load_split(cfg.data.train, cfg.data.preprocess)[0][:256]  # stand-in for an approved version
+    # A stand-in for an approved version.
+    calib = CalibrationReader({"image": load_split(cfg.data.train, cfg.data.preprocess)[0][:256]})
     val = load_split(cfg.data.validation, cfg.data.preprocess)
     train = load_split(cfg.data.train, cfg.data.preprocess)
     return cfg, fp32, calib, val, train, exported.report.opset

@@ -8,13 +8,13 @@ import pytest
 import yaml
 
 from edgeq.calibration.versions import record_decision
-from tests.conftest import write_config
-from edgeq.core.config import load_prepared
 from edgeq.core.data import load_split
 from edgeq.core.errors import EdgeqError, SpecError
 from edgeq.core.store import ArtifactStore
 from edgeq.tasks.calibration import build_calibration_candidate
+from edgeq.tasks.config import load_prepared
 from edgeq.tasks.quantize import quantize_to_store
+from tests.conftest import write_config
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +89,11 @@ def test_unknown_layer_to_keep_in_fp32_is_named(quant_cfg, quantized, exported, 
 
 
 def test_calibration_samples_of_the_wrong_shape(exported, quant_cfg):
+    from edgeq.calibration.readers import CalibrationReader
     from edgeq.quantization.ptq import check_calibration_shapes
 
     path = ArtifactStore(quant_cfg.store_url).local_path(exported.onnx)
     with pytest.raises(SpecError, match=r"calibration samples have shape \[3, 8, 8\] per sample but model input 'image' expects \[1, 8, 8\]"):
-        check_calibration_shapes(Path(path), "image", np.zeros((4, 3, 8, 8), np.float32))
+        check_calibration_shapes(Path(path), CalibrationReader({"image": np.zeros((4, 3, 8, 8), np.float32)}))
+    with pytest.raises(SpecError, match="model has no input 'pixels' for calibration data"):
+        check_calibration_shapes(Path(path), CalibrationReader({"pixels": np.zeros((4, 1, 8, 8), np.float32)}))

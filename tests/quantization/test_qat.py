@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from edgeq.core.errors import GateError, SpecError
-from edgeq.quantization.qat import ENGINE, PARITY_STEPS, QATResult, check_export_parity, qat_finetune
+from edgeq.core.specs import Thresholds
+from edgeq.quantization.qat import ENGINE, QATResult, check_export_parity, qat_finetune
 
 INPUT, OUTPUT = "input", "logits"
 
@@ -22,8 +23,8 @@ def _split(root: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _fp32(root: Path) -> torch.nn.Module:
-    from edgeq.demo import digits_net
     from edgeq.core.modeling import load_state_dict
+    from edgeq.demo import digits_net
 
     model = digits_net(width=16, num_classes=10)
     model.load_state_dict(load_state_dict(root / "digits_cnn.safetensors"))
@@ -145,7 +146,7 @@ def test_parity_gate_fails_on_a_model_that_is_not_the_export(qat_run, demo_root)
     check = check_export_parity(result.onnx_path, lambda x: torch.from_numpy(session.run(None, {INPUT: x.numpy()})[0]),
                                 xva[:64], INPUT)
     assert check.max_abs == 0.0 and check.top1_agreement == 1.0
-    assert check.tolerance == pytest.approx(PARITY_STEPS * check.output_step)
+    assert check.tolerance == pytest.approx(Thresholds().qat_parity_steps * check.output_step)
 
 
 @pytest.mark.parametrize("train", [None, (np.zeros((0, 1, 8, 8), np.float32), np.zeros((0,), np.int64))],

@@ -42,9 +42,9 @@ def fast_config(folder: Path, demo_root: Path, store: Path | str | None = None, 
 def seed_store_with_approved_calibration(store_dir: Path, cfg_path: Path) -> str:
     """Build the demo's calibration candidate into the config's store and approve it; returns the version id."""
     from edgeq.calibration.versions import record_decision
-    from edgeq.core.config import load_prepared
     from edgeq.core.store import ArtifactStore
     from edgeq.tasks.calibration import build_calibration_candidate
+    from edgeq.tasks.config import load_prepared
 
     cfg = load_prepared(cfg_path)
     assert Path(cfg.store_url) == Path(store_dir)

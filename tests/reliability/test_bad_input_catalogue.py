@@ -3,7 +3,7 @@ the store. The count is printed in the test summary (hook in tests/conftest.py).
 
 Cases collected from tests/test_specs.py, tests/test_export.py, tests/test_store.py,
 tests/backends/test_declared_and_bad_input.py, tests/calibration/test_calibration_bad_input.py,
-tests/quantization/*, tests/test_validate.py, plus the ones issue 8 adds (marked NEW).
+tests/quantization/*, tests/test_validate.py, plus cases that only this catalogue covers (marked NEW).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,12 +21,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from edgeq.core.errors import ModelFileError
-from edgeq.calibration import CalibrationError
 from edgeq.calibration.versions import load_version
-from edgeq.core.errors import ExportError, GateError, SpecError
+from edgeq.core.errors import CalibrationError, ExportError, GateError, IntegrityError, ModelFileError, SpecError
 from edgeq.core.specs import load_config
-from edgeq.core.store import ArtifactStore, IntegrityError
+from edgeq.core.store import ArtifactStore
 from tests.calibration.cal_helpers import tiny_pool, write_array_pool
 from tests.reliability.rel_helpers import copy_store, fast_config, seed, snapshot
 
@@ -56,14 +53,14 @@ def config(c, edit: Callable[[dict], None] | None = None, **overrides) -> Path:
 
 
 def load(edit=None, **overrides):
-    from edgeq.core.config import load_prepared
+    from edgeq.tasks.config import load_prepared
 
     return lambda c: load_prepared(config(c, edit, **overrides))
 
 
 def export(edit=None, **overrides):
     def run(c):
-        from edgeq.core.config import load_prepared
+        from edgeq.tasks.config import load_prepared
         from edgeq.tasks.export import export_to_store
 
         return export_to_store(load_prepared(config(c, edit, **overrides)))
@@ -86,8 +83,8 @@ def raw_config(text: str):
 
 def calibrate(captures: Callable[[SimpleNamespace], dict], override: str | None = "test"):
     def run(c):
-        from edgeq.core.config import load_prepared
         from edgeq.tasks.calibration import build_calibration_candidate
+        from edgeq.tasks.config import load_prepared
 
         caps = {k: str(v) if isinstance(v, Path) else v for k, v in captures(c).items()}
         cfg = load_prepared(config(c, lambda d: d["data"].update(captures=caps)))
@@ -170,7 +167,7 @@ def external_data_outside(c) -> Path:
 
 def quantize(version: str | Callable = None, edit=None):
     def run(c):
-        from edgeq.core.config import load_prepared
+        from edgeq.tasks.config import load_prepared
         from edgeq.tasks.quantize import quantize_to_store
 
         cfg = load_prepared(config(c, edit))
@@ -186,7 +183,7 @@ class _Evil:
 
 
 def evil_pickle(c):
-    from edgeq.core.config import load_prepared
+    from edgeq.tasks.config import load_prepared
     from edgeq.tasks.export import export_to_store
 
     _Evil.marker = c.tmp / "pwned"
@@ -200,7 +197,7 @@ def evil_pickle(c):
 
 
 def empty_split(c):
-    from edgeq.core.config import load_prepared
+    from edgeq.tasks.config import load_prepared
     from edgeq.tasks.export import export_to_store
 
     z = np.load(c.demo / "test.npz")
@@ -242,15 +239,15 @@ def cli(*args, config_text: str | None = None):
 
 
 def publish_failed(c):
-    from edgeq.core.config import load_prepared
     from edgeq.publish import publish_bundle
+    from edgeq.tasks.config import load_prepared
 
     return publish_bundle(load_prepared(config(c)), c.fp32_path, {"model": {"name": "x"}}, {}, gates_passed=False)
 
 
 def device_target(name):
     def run(c):
-        from edgeq.core.config import load_prepared
+        from edgeq.tasks.config import load_prepared
         from edgeq.validation import pick_device_target
 
         return pick_device_target(load_prepared(config(c, validation={"device_target": name, "latency_iters": 10})))
@@ -265,6 +262,16 @@ def rejected_candidate(c):
     v = calibrate(pool(20))(c).version
     record_decision(ArtifactStore(c.store), v.version, approve=False, reviewer="bob")
     c.cand_version = v.version
+
+
+def hand_edited_approval(c):
+    """Setup: the approved version's record edited by hand (another reviewer's name written in)."""
+    import json
+
+    path = Path(ArtifactStore(c.store).record_location(f"calibration/{c.version}.json"))
+    rec = json.loads(path.read_text())
+    rec["decision"]["reviewer"] = "mallory"
+    path.write_text(json.dumps(rec))
 
 
 MODERN = [{"name": "ort-cpu", "backend": "onnxruntime"}, {"name": "openvino-cpu", "backend": "openvino"}]
@@ -367,6 +374,9 @@ CASES = [
     # --- quantization (tests/quantization/*)
     Case("quantize-unknown-calibration-version", quantize("cal-0000000000000000"), CalibrationError,
          r"calibration version 'cal-0000000000000000' not found in store"),
+    Case("quantize-hand-edited-approval-record", quantize(), IntegrityError,
+         r"calibration record .*calibration/cal-\w+\.json holds a decision \(approved by mallory\) whose seal does "
+         r"not match .*edited by hand", setup=hand_edited_approval),
     Case("quantize-keep-fp32-layer-not-in-model",
          quantize(edit=lambda d: d["quantization"].update(keep_fp32_nodes=["no_such_conv"])), SpecError,
          r"layer\(s\) to keep in FP32 not found in the model: no_such_conv"),
@@ -385,7 +395,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def base(demo_root, tmp_path_factory):
     """A store with the approved calibration version and the demo's FP32 export (copied per case)."""
-    from edgeq.core.config import load_prepared
+    from edgeq.tasks.config import load_prepared
     from edgeq.tasks.export import export_to_store
 
     seed_store, version = seed(demo_root)

@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import paused_review
-from tests.reliability.rel_helpers import FAST_TARGETS, copy_store, fast_config, seed, snapshot, task_run_objects, verify_store
+from tests.reliability.rel_helpers import (
+    FAST_TARGETS,
+    copy_store,
+    fast_config,
+    seed,
+    snapshot,
+    task_run_objects,
+    verify_store,
+)
 
 FLAKY = Path(__file__).with_name("flaky_device.py")
 
@@ -111,9 +119,9 @@ def test_resuming_a_paused_review_twice_is_harmless(prefect_server, demo_root, t
     from prefect.flow_runs import resume_flow_run
 
     from edgeq.calibration.versions import load_version
-    from edgeq.core.config import load_prepared
     from edgeq.core.store import ArtifactStore
     from edgeq.flows.calibration import CalibrationParams
+    from edgeq.tasks.config import load_prepared
 
     cfg_path = fast_config(tmp_path, demo_root)
     cfg = load_prepared(cfg_path)
@@ -141,11 +149,12 @@ def test_review_that_times_out_stays_candidate_and_a_late_resume_changes_nothing
     from prefect.exceptions import NotPausedError
     from prefect.flow_runs import resume_flow_run
 
-    from edgeq.calibration import NotApproved, open_calibration
+    from edgeq.calibration import open_calibration
     from edgeq.calibration.versions import list_versions
-    from edgeq.core.config import load_prepared
+    from edgeq.core.errors import NotApproved
     from edgeq.core.store import ArtifactStore
     from edgeq.flows.calibration import CalibrationParams, build_calibration_set
+    from edgeq.tasks.config import load_prepared
 
     cfg_path = fast_config(tmp_path, demo_root)
     cfg = load_prepared(cfg_path)

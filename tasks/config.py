@@ -1,25 +1,38 @@
-"""Load a config and run its `prepare` hook (e.g. building the demo) before any stage."""
+"""What every run does first: load the config, run its `prepare` hook (e.g. building the demo), and check what
+can be checked before any stage writes to the store (the metric's import path, each target's own fields)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from edgeq.backends import get_backend
 from edgeq.core.errors import SpecError
+from edgeq.core.metrics import resolve_metric
 from edgeq.core.specs import EdgeqConfig, load_config, load_object
 
 
 def prepare(cfg: EdgeqConfig) -> None:
+    check_targets(cfg)
     if cfg.prepare is not None:
         run_prepare_hook(cfg)
     check_metric(cfg)
+
+
+def check_targets(cfg: EdgeqConfig) -> None:
+    """Each target's backend exists and has the fields it needs (a declared target's profile, a command)."""
+    for target in cfg.targets:
+        try:
+            get_backend(target.backend).check_target(target)
+        except SpecError as exc:
+            if target.name in str(exc):
+                raise
+            raise SpecError(f"target {target.name!r}: {exc}") from None
 
 
 def check_metric(cfg: EdgeqConfig) -> None:
     """Import a user metric now, so a bad import path fails before any stage writes to the store."""
     if cfg.model.metric in ("top1", "cosine"):
         return
-    from edgeq.core.metrics import resolve_metric
-
     try:
         resolve_metric(cfg.model.metric)
     except SpecError as exc:

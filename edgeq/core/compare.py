@@ -1,0 +1,176 @@
+"""Compare the named outputs of two runs of a model, output by output (in the spirit of Polygraphy's
+``CompareFunc.simple``).
+
+Every gate that holds one run against another (PyTorch vs ONNX at export, the dynamic-shape probe, the QAT
+export check, the four-way validation gates) goes through :func:`compare_outputs`, so they agree on what
+"max abs diff", "worst sample" and "top-1 agreement" mean::
+
+    records = compare_outputs({"logits": torch_out}, {"logits": onnx_out},
+                              Tolerance.in_steps(3, range_step(onnx_out), min_top1=0.99),
+                              labels=("ONNX INT8", "device INT8"))
+    records[0].passed, records[0].max_abs_diff, records[0].worst_sample, records[0].top1_agreement
+
+Shapes are checked first and non-finite values are refused: neither gives a number worth holding against a
+tolerance, so such an output fails with ``error`` saying why. Where a tolerance is counted in quantization
+steps, the caller gives the step: which outputs define it (the reference's, the INT8 model's, a quantizer's
+scale) is the gate's decision, not the comparator's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import BaseModel
+
+# Keeps the relative difference finite where the reference is exactly zero.
+_REL_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far a candidate output may be from the reference.
+
+    atol: absolute, in output units. steps + step: ``steps`` quantization steps of size ``step`` (overrides
+    atol). min_top1: top-1 agreement floor (checked where top-1 is meaningful). near_tie: a top-1
+    disagreement on a sample whose reference top-1 margin is within ``near_tie`` x the tolerance is a near
+    tie an allowed difference can flip; it is counted and excused from the floor.
+    """
+
+    atol: float = 0.0
+    steps: float | None = None
+    step: float | None = None
+    min_top1: float | None = None
+    near_tie: float | None = None
+
+    @classmethod
+    def absolute(cls, atol: float, *, min_top1: float | None = None, near_tie: float | None = None) -> Tolerance:
+        return cls(atol=atol, min_top1=min_top1, near_tie=near_tie)
+
+    @classmethod
+    def in_steps(cls, steps: float, step: float, *, min_top1: float | None = None,
+                 near_tie: float | None = None) -> Tolerance:
+        return cls(steps=steps, step=step, min_top1=min_top1, near_tie=near_tie)
+
+    @classmethod
+    def measure_only(cls) -> Tolerance:
+        """No limit: for the numbers alone (a gate decided on something else)."""
+        return cls(atol=math.inf)
+
+    @property
+    def limit(self) -> float:
+        if self.steps is not None:
+            if self.step is None:
+                raise ValueError("a tolerance in quantization steps needs the step size")
+            return self.steps * self.step
+        return self.atol
+
+
+def range_step(values: np.ndarray, levels: int = 255) -> float:
+    """One step of an 8-bit quantizer spanning the observed range of `values`: (max - min) / 255."""
+    return float(values.max() - values.min()) / levels
+
+
+class OutputComparison(BaseModel):
+    """One output of two runs held against its tolerance."""
+
+    output: str
+    passed: bool
+    reference_shape: list[int]
+    candidate_shape: list[int]
+    samples: int = 0
+    max_abs_diff: float | None = None
+    max_rel_diff: float | None = None
+    worst_sample: int | None = None  # the sample (index along axis 0) with the largest abs diff
+    tolerance: float
+    step: float | None = None  # when the tolerance is in quantization steps
+    steps: float | None = None  # max_abs_diff in those steps
+    top1_agreement: float | None = None  # None where top-1 is not meaningful (one value per sample)
+    near_ties: int = 0  # excused top-1 disagreements
+    top1_agreement_excusing_ties: float | None = None
+    error: str = ""  # why the values were not compared (shapes differ, non-finite values); passed is then False
+
+
+def _per_sample(a: np.ndarray) -> np.ndarray:
+    """(samples, values) view: axis 0 is the sample axis; a scalar is one sample."""
+    return a.reshape(1, -1) if a.ndim == 0 else a.reshape(len(a), -1)
+
+
+def _non_finite(a: np.ndarray, label: str, name: str) -> str:
+    if not np.issubdtype(a.dtype, np.inexact):
+        return ""
+    bad = ~np.isfinite(_per_sample(a))
+    if not bad.any():
+        return ""
+    first = int(bad.any(axis=1).argmax())
+    return (f"output {name!r}: {label} has {int(bad.sum())} non-finite value(s) (NaN/Inf), the first in sample "
+            f"{first}; refusing to compare")
+
+
+def compare_output(name: str, reference: np.ndarray, candidate: np.ndarray, tolerance: Tolerance, *,
+                   labels: tuple[str, str] = ("reference", "candidate"), top1: bool | None = None) -> OutputComparison:
+    """One output: shapes, then finiteness, then the numbers. `top1` None: where a sample has several values."""
+    ref, got = np.asarray(reference), np.asarray(candidate)
+    base = dict(output=name, reference_shape=list(ref.shape), candidate_shape=list(got.shape),
+                tolerance=tolerance.limit, step=tolerance.step if tolerance.steps is not None else None)
+    if ref.shape != got.shape:
+        return OutputComparison(**base, passed=False,
+                                error=f"output {name!r}: {labels[0]} shape {ref.shape} != {labels[1]} shape {got.shape}")
+    ref2 = _per_sample(ref).astype(np.float64)
+    got2 = _per_sample(got).astype(np.float64)
+    n = len(ref2)
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite values are refused below, with their count
+        diff = np.abs(ref2 - got2)
+        rel_all = diff / (np.abs(ref2) + _REL_EPS)
+    if diff.size:
+        per_sample = diff.max(axis=1)
+        mad, worst = float(per_sample.max()), int(per_sample.argmax())
+        rel = float(rel_all.max())
+    else:
+        mad, worst, rel = 0.0, 0, 0.0
+    rec = OutputComparison(**base, passed=False, samples=n, max_abs_diff=mad, max_rel_diff=rel, worst_sample=worst)
+    if base["step"]:
+        rec.steps = mad / base["step"]
+    if top1 or (top1 is None and ref.ndim >= 1 and ref2.shape[1] > 1):
+        if ref2.shape[1]:
+            agree = ref2.argmax(axis=1) == got2.argmax(axis=1)
+            rec.top1_agreement = float(agree.mean()) if n else 1.0
+            effective = rec.top1_agreement
+            if tolerance.near_tie is not None and n:
+                top2 = np.sort(ref2, axis=1)[:, -2:] if ref2.shape[1] > 1 else np.concatenate([ref2, ref2], 1)
+                tie = (top2[:, 1] - top2[:, 0]) <= tolerance.near_tie * tolerance.limit
+                rec.near_ties = int((~agree & tie).sum())
+                effective = float((agree | tie).mean())
+                rec.top1_agreement_excusing_ties = effective
+    rec.error = _non_finite(ref, labels[0], name) or _non_finite(got, labels[1], name)
+    floor_ok = tolerance.min_top1 is None or rec.top1_agreement is None or (
+        (rec.top1_agreement_excusing_ties if rec.top1_agreement_excusing_ties is not None else rec.top1_agreement)
+        >= tolerance.min_top1)
+    rec.passed = not rec.error and mad <= tolerance.limit and floor_ok
+    return rec
+
+
+def compare_outputs(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray],
+                    tolerance: Tolerance | Mapping[str, Tolerance], *, outputs: Sequence[str] | None = None,
+                    labels: tuple[str, str] = ("reference", "candidate"),
+                    top1: bool | None = None) -> list[OutputComparison]:
+    """Every output in `outputs` (default: the reference's) compared with its tolerance.
+
+    `tolerance` is one for all outputs or one per output name. An output the candidate lacks fails with
+    ``error`` naming it.
+    """
+    names = list(outputs) if outputs is not None else list(reference)
+    records = []
+    for name in names:
+        tol = tolerance[name] if isinstance(tolerance, Mapping) else tolerance
+        if name not in candidate or name not in reference:
+            missing = labels[1] if name not in candidate else labels[0]
+            records.append(OutputComparison(
+                output=name, passed=False, reference_shape=list(np.shape(reference.get(name, ()))),
+                candidate_shape=list(np.shape(candidate.get(name, ()))), tolerance=tol.limit,
+                error=f"output {name!r} is missing from the {missing} outputs"))
+            continue
+        records.append(compare_output(name, reference[name], candidate[name], tol, labels=labels, top1=top1))
+    return records

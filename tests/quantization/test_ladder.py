@@ -1,0 +1,99 @@
+"""The escalation ladder as data: which rungs the policy climbs in which order, and the choice among attempts."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from edgeq.calibration.readers import CalibrationReader
+from edgeq.core.specs import QuantizationSpec
+from edgeq.quantization.escalate import (
+    Attempt,
+    Latency,
+    build_ladder,
+    choose_attempt,
+    keep_sensitive_fp32,
+    ptq_base,
+    ptq_variants,
+    qat,
+    speed_verdict,
+)
+from edgeq.quantization.policy import ArchitectureScan, PolicyDecision
+from edgeq.quantization.ptq import PTQSettings, quantize
+
+
+def _policy(start: str, allow_ptq: bool = True, allow_qat: bool = True) -> PolicyDecision:
+    return PolicyDecision(start=start, allow_ptq=allow_ptq, allow_qat=allow_qat, reasons=[], scan=ArchitectureScan())
+
+
+PTQ = [ptq_base, ptq_variants, keep_sensitive_fp32]
+
+
+@pytest.mark.parametrize("policy, can_train, rungs", [
+    (_policy("ptq"), True, PTQ + [qat]),
+    (_policy("qat"), True, [qat] + PTQ),
+    (_policy("ptq"), False, PTQ),  # no training data: QAT is not a rung
+    (_policy("qat", allow_ptq=False), True, [qat]),
+    (_policy("ptq", allow_qat=False), True, PTQ),
+])
+def test_the_policy_orders_the_rungs(policy, can_train, rungs):
+    assert build_ladder(policy, can_train) == rungs
+
+
+def _attempt(index, metric, meets, ms=None, fp32_ms=2.0):
+    lat = [Latency(target="cpu", int8_ms=ms, fp32_ms=fp32_ms)] if ms else []
+    return Attempt(index=index, kind="ptq", label=f"a{index}", settings={}, metric=metric, meets_sla=meets, latency=lat)
+
+
+def test_the_most_accurate_passing_attempt_wins_and_latency_breaks_ties():
+    attempts = [_attempt(0, 0.99, False), _attempt(1, 0.95, True, 1.0), _attempt(2, 0.97, True, 3.0),
+                _attempt(3, 0.9700000001, True, 1.5), _attempt(4, 0.97, True)]
+    assert choose_attempt(attempts, "cpu").index == 3  # equal to 6 places with 2, faster; 4 has no latency
+    assert choose_attempt(attempts[:1], "cpu") is None
+
+
+def test_speed_verdict_on_the_deployment_target():
+    assert speed_verdict(_attempt(0, 0.9, True, 1.0), "cpu") == (
+        True, "INT8 is 2.00x faster than FP32 on cpu (1.000 ms vs 2.000 ms at batch 1)")
+    faster, note = speed_verdict(_attempt(0, 0.9, True, 4.0), "cpu")
+    assert faster is False and note.startswith("INT8 is 2.00x SLOWER") and "NOT faster" in note
+    assert speed_verdict(_attempt(0, 0.9, True), "cpu") == (
+        None, "latency on deployment target cpu could not be measured here")
+
+
+def test_ptq_settings_come_from_the_spec():
+    spec = QuantizationSpec(engine="nncf", method="entropy", per_channel=False, keep_fp32_nodes=["head"],
+                            keep_fp32_op_types=["Add"])
+    s = PTQSettings.from_spec(spec, types="s8s8", reduce_range=True)
+    assert s.record() == {"engine": "nncf", "method": "entropy", "types": "s8s8", "reduce_range": True,
+                          "per_channel": False, "op_types": ["Conv", "ConvTranspose", "MatMul", "Gemm"],
+                          "keep_fp32_nodes": ["head"], "keep_fp32_op_types": ["Add"]}
+    assert s.label() == "nncf PTQ (bias correction), fp32: head"
+    ort = s.model_copy(update={"engine": "onnxruntime"})
+    assert ort.label() == "ort PTQ entropy s8s8 reduce-range per-tensor, fp32: head"
+    assert PTQSettings.from_spec().record()["types"] == "u8s8"
+
+
+def _conv_model(path):
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 1, 3, 3], np.random.default_rng(0).normal(size=36).tolist())
+    graph = helper.make_graph([helper.make_node("Conv", ["image", "w"], ["y"], pads=[1, 1, 1, 1], name="conv")], "g",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "nncf"])
+def test_one_reader_calibrates_attempt_after_attempt_alike(tmp_path, engine):
+    src = _conv_model(tmp_path / "m.onnx")
+    reader = CalibrationReader({"image": np.random.default_rng(2).normal(size=(16, 1, 8, 8))})
+    settings = PTQSettings.from_spec(QuantizationSpec(engine=engine))
+    first = onnx.load(quantize(src, tmp_path / "a.onnx", reader, settings))
+    second = onnx.load(quantize(src, tmp_path / "b.onnx", reader, settings))
+
+    def scales(m):
+        return {i.name: onnx.numpy_helper.to_array(i).tolist() for i in m.graph.initializer if "scale" in i.name}
+
+    assert scales(first) and scales(first) == scales(second)

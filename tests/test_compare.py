@@ -1,0 +1,87 @@
+"""The output comparator every parity and agreement gate goes through."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeq.core.compare import Tolerance, compare_output, compare_outputs, range_step
+
+
+def _logits(n: int = 8, classes: int = 10, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, classes)).astype(np.float32)
+
+
+def test_record_names_the_output_the_worst_sample_and_the_tolerance():
+    ref = _logits()
+    got = ref.copy()
+    got[5, 2] += 0.25  # sample 5 is the worst
+    got[1, 0] += 0.01
+    [rec] = compare_outputs({"logits": ref}, {"logits": got}, Tolerance.absolute(0.1), labels=("PyTorch", "ONNX"))
+    assert rec.output == "logits" and rec.samples == 8
+    assert rec.worst_sample == 5
+    assert rec.max_abs_diff == pytest.approx(0.25, rel=1e-6)
+    assert rec.tolerance == 0.1 and not rec.passed and rec.error == ""
+    assert rec.top1_agreement is not None
+
+
+def test_each_output_takes_its_own_tolerance():
+    ref = {"logits": _logits(), "embedding": _logits(seed=1)}
+    got = {"logits": ref["logits"] + 0.05, "embedding": ref["embedding"] + 0.05}
+    recs = compare_outputs(ref, got, {"logits": Tolerance.absolute(0.1), "embedding": Tolerance.absolute(0.01)})
+    assert {r.output: r.passed for r in recs} == {"logits": True, "embedding": False}
+
+
+def test_shape_mismatch_is_refused_with_both_shapes():
+    [rec] = compare_outputs({"logits": _logits(8, 10)}, {"logits": _logits(8, 9)}, Tolerance.absolute(1.0),
+                            labels=("PyTorch", "ONNX"))
+    assert not rec.passed and rec.max_abs_diff is None
+    assert rec.error == "output 'logits': PyTorch shape (8, 10) != ONNX shape (8, 9)"
+
+
+def test_nan_is_refused_naming_the_output_and_the_sample():
+    ref = _logits()
+    got = ref.copy()
+    got[3, 4] = np.nan
+    [rec] = compare_outputs({"logits": ref}, {"logits": got}, Tolerance.absolute(np.inf), labels=("PyTorch", "ONNX"))
+    assert not rec.passed  # even an unlimited tolerance does not pass a NaN
+    assert "output 'logits'" in rec.error and "ONNX has 1 non-finite value" in rec.error and "sample 3" in rec.error
+
+
+def test_a_missing_output_fails_naming_it():
+    [rec] = compare_outputs({"logits": _logits()}, {}, Tolerance.absolute(1.0), labels=("PyTorch", "ONNX"))
+    assert not rec.passed and rec.error == "output 'logits' is missing from the ONNX outputs"
+
+
+@pytest.mark.parametrize("off_by_steps, passed", [(2, True), (4, False)])
+def test_tolerance_in_quantization_steps(off_by_steps, passed):
+    ref = _logits()
+    step = range_step(ref)
+    got = ref.copy()
+    got[0, 0] += off_by_steps * step
+    rec = compare_output("logits", ref, got, Tolerance.in_steps(3, step))
+    assert rec.passed is passed
+    assert rec.step == step and rec.tolerance == pytest.approx(3 * step)
+    assert rec.steps == pytest.approx(off_by_steps, rel=1e-4)
+
+
+def test_the_step_is_the_callers_choice():
+    ref = _logits()
+    got = ref + 0.02
+    assert compare_output("logits", ref, got, Tolerance.in_steps(3, 0.01)).passed
+    assert not compare_output("logits", ref, got, Tolerance.in_steps(3, 0.001)).passed
+
+
+def test_top1_floor_and_near_ties():
+    ref = np.array([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0], [0.50, 0.51]], dtype=np.float32)
+    got = ref.copy()
+    got[3] = [0.51, 0.50]  # a near tie flipped: the reference's top-1 margin is 0.01
+    strict = compare_output("p", ref, got, Tolerance.absolute(0.02, min_top1=0.99))
+    assert strict.top1_agreement == 0.75 and not strict.passed
+    excused = compare_output("p", ref, got, Tolerance.absolute(0.02, min_top1=0.99, near_tie=2))
+    assert excused.near_ties == 1 and excused.top1_agreement_excusing_ties == 1.0 and excused.passed
+
+
+def test_top1_is_left_out_where_a_sample_has_one_value():
+    rec = compare_output("score", np.zeros((4, 1), np.float32), np.zeros((4, 1), np.float32), Tolerance.absolute(0.0))
+    assert rec.top1_agreement is None and rec.passed
