@@ -14,8 +14,8 @@ A backend answers, for one target (a `TargetSpec`):
 
 The stages never compare backend names: they ask a backend's capabilities (``compiles``,
 ``measures_latency``, ``ships_compiled_form``, ``default_device_stage``) and its per-target answers
-(``int8_scheme``, ``no_compiled_form_reason``, ``cache_fingerprint``), so a new backend is one
-registry line, not an edit of every stage.
+(``int8_scheme``, ``no_compiled_form_reason``, ``cache_fingerprint``, ``runs_reference_runtime``), so a
+new backend is one registry line, not an edit of every stage.
 
 SDKs are imported inside methods, never at module level, so a missing toolchain costs an
 "unavailable" row, not an import error.
@@ -132,6 +132,11 @@ class Backend(ABC):
     def no_compiled_form_reason(self, target) -> str:
         """Why a published bundle has no prepared form for `target` (read when `ships_compiled_form` is False)."""
         return f"backend {self.name!r} ships no compiled form"
+
+    def runs_reference_runtime(self, target) -> bool:
+        """Whether `target` runs a model on the runtime and device of four-way validation's ONNX rows (ONNX
+        Runtime's CPU provider): as the device stage it would hold ONNX Runtime against itself."""
+        return False
 
     # -- deployable form and runner ---------------------------------------
     @abstractmethod

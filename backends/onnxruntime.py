@@ -117,6 +117,9 @@ class OnnxRuntimeBackend(Backend):
     def no_compiled_form_reason(self, target) -> str:
         return "ships the INT8 ONNX model itself"
 
+    def runs_reference_runtime(self, target) -> bool:
+        return target.device == "cpu"  # the CPU provider is what the ONNX rows run on; CUDA/TensorRT providers differ
+
     def max_opset(self, target=None) -> int:
         import onnxruntime as ort
 

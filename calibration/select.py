@@ -8,7 +8,7 @@ can say how many and which. A row keeps the first reason that removed it.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable
+from typing import Collection, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -145,14 +145,28 @@ def read_manifest_hashes(path) -> set[str]:
     return set(t["sha256"].astype(str))
 
 
-def exclude_leakage(table: pd.DataFrame, train_hashes: set[str], test_hashes: set[str]) -> pd.DataFrame:
-    """Mark captures whose pixel hash is in the training or the test manifest."""
+def exclude_leakage(table: pd.DataFrame, train_hashes: Collection[str], test_hashes: Collection[str],
+                    content_ids: Sequence[str] | None = None, train_ids: Collection[str] = frozenset(),
+                    test_ids: Collection[str] = frozenset()) -> pd.DataFrame:
+    """Mark captures that are in the training set, then those in the test set.
+
+    A capture is in a set when its content id (`content_ids`, one per table row: its model input, which does not
+    depend on how a source stores the picture) is one of the split's own samples' (`train_ids`/`test_ids`), or
+    when its pixel hash (``sha256``) is listed in the set's manifest (`train_hashes`/`test_hashes`).
+    """
     ok = np.flatnonzero(usable(table))
     h = table["sha256"].to_numpy()
-    train = [r for r in ok if h[r] in train_hashes]
-    test = [r for r in ok if h[r] in test_hashes and h[r] not in train_hashes]
-    out = _mark(table, train, "in-train", ["pixel hash in the training manifest"] * len(train))
-    return _mark(out, test, "in-test", ["pixel hash in the test manifest"] * len(test))
+    c = list(content_ids) if content_ids is not None else [""] * len(table)
+
+    def why(r: int, hashes: Collection[str], ids: Collection[str], split: str, manifest: str) -> str:
+        if c[r] and c[r] in ids:
+            return f"same model input as a sample of {split}"
+        return f"pixel hash in the {manifest}" if h[r] in hashes else ""
+
+    train = {r: d for r in ok if (d := why(r, train_hashes, train_ids, "data.train", "training manifest"))}
+    test = {r: d for r in ok if r not in train and (d := why(r, test_hashes, test_ids, "data.test", "test manifest"))}
+    out = _mark(table, train, "in-train", train.values())
+    return _mark(out, test, "in-test", test.values())
 
 
 def _crops(g: np.ndarray) -> list[np.ndarray]:

@@ -1,7 +1,9 @@
 """All of edgeq on one machine, no work pool or worker: `python deployments/serve.py` (from the repo root).
 
 Serves the deployments of deployments/prefect.yaml (same names, parameters, schedule, concurrency limits and
-calibration-approval trigger) from this one process with `prefect.serve`. Point it at a running server
+calibration-approval trigger) from this one process with `prefect.serve`; as there, each deployment is named after
+its flow (`convert-model/convert-model`, `build-calibration-set/build-calibration-set`,
+`retrain-to-deploy/retrain-to-deploy`). Point it at a running server
 (`prefect server start`, PREFECT_API_URL); with no server, Prefect's ephemeral one runs no schedules.
 """
 

@@ -52,8 +52,9 @@ class ProbeRow(BaseModel):
     dim: str
     size: int
     ok: bool
-    max_abs_diff: float | None = None
+    max_abs_diff: float | None = None  # over the outputs that were compared (finite, same shape)
     error: str = ""
+    non_finite: bool = False  # an output held NaN/Inf: the comparator refused it (no baked-in shape to blame)
 
 
 class ParityRow(BaseModel):
@@ -322,13 +323,16 @@ def probe_dynamic_shapes(model: torch.nn.Module, spec: ModelSpec, session, sampl
                     rows.append(ProbeRow(input=inp.name, axis=axis, dim=dim, size=size, ok=False,
                                          error=" ".join(str(exc).split())[:400]))
                     continue
+                # Every output through the comparator, each judged on its own: a max over the outputs' numbers
+                # would drop a NaN (max([0.1, nan]) is 0.1).
                 compared = _torch_vs_onnx(spec, run_torch(model, spec, feeds), got, tol)
                 bad = [f"{c.output}: {tuple(c.reference_shape)} vs {tuple(c.candidate_shape)}"
                        for c in compared if c.max_abs_diff is None]
                 refused = [c.error for c in compared if c.max_abs_diff is not None and c.error]
-                mad = max((c.max_abs_diff for c in compared if c.max_abs_diff is not None), default=0.0)
-                ok = not bad and not refused and mad <= tol
+                mad = max((c.max_abs_diff for c in compared if c.max_abs_diff is not None and not c.error), default=0.0)
+                ok = all(c.passed for c in compared)
                 rows.append(ProbeRow(input=inp.name, axis=axis, dim=dim, size=size, ok=ok, max_abs_diff=mad,
+                                     non_finite=bool(refused) and not bad,
                                      error=("output shape differs from PyTorch: " + "; ".join(bad)) if bad else
                                      "; ".join(refused) if refused else
                                      ("" if ok else f"outputs differ from PyTorch by {mad:.3g} > {tol:g}")))
@@ -339,10 +343,12 @@ def format_failures(report: ExportReport) -> str:
     msgs = []
     for p in report.probe:
         if not p.ok:
-            msgs.append(
-                f"dynamic-shape probe: input {p.input!r} axis {p.axis} ({p.dim!r}) at size {p.size}: {p.error} "
-                "— a shape was baked in at export (e.g. a .view() with a literal size, or a Python int from a tensor's shape)"
-            )
+            why = ("— the model computes NaN/Inf on these inputs (a log, sqrt or division of a value that can be "
+                   "negative or zero?)" if p.non_finite else
+                   "— a shape was baked in at export (e.g. a .view() with a literal size, or a Python int from a "
+                   "tensor's shape)")
+            msgs.append(f"dynamic-shape probe: input {p.input!r} axis {p.axis} ({p.dim!r}) at size {p.size}: {p.error} "
+                        + why)
     for r in report.parity:
         if r.error:
             msgs.append(f"parity gate: {r.error}")

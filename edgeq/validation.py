@@ -4,10 +4,12 @@ Same held-out samples, same metric, for every stage; each adjacent pair is gated
   PyTorch FP32 -> ONNX FP32   max abs output diff <= export tolerance; on failure, the first ONNX node
                               whose output departs from a fresh export of the PyTorch model is named.
   ONNX FP32   -> ONNX INT8    metric drop <= INT8 SLA; on failure, the per-layer sensitivity table.
-  ONNX INT8   -> device INT8  outputs within N quantization steps of the output range and top-1
-                              agreement >= the floor. INT8 runtimes legitimately differ by a step
-                              (OpenVINO rounds half away from zero, ONNX Runtime half to even), so
-                              bit equality would be the wrong gate.
+  ONNX INT8   -> device INT8  outputs within N quantization steps of the output (the step read from the
+                              INT8 graph, never from the outputs it judges) and top-1 agreement >= the
+                              floor on the confident samples. INT8 runtimes legitimately differ by a
+                              step (OpenVINO rounds half away from zero, ONNX Runtime half to even), so
+                              bit equality would be the wrong gate. The device stage must be another
+                              runtime or device than the ONNX INT8 row, or the gate is reported as not run.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ from pydantic import BaseModel, Field
 
 from edgeq.backends import benchmark, get_backend, known_backends
 from edgeq.calibration.readers import CalibrationReader
-from edgeq.core.compare import Tolerance, compare_output
-from edgeq.core.data import pixel_hash
+from edgeq.core.compare import OutputComparison, Tolerance, compare_output, step_tolerance
 from edgeq.core.errors import GateError, SpecError
 from edgeq.core.metrics import score
+from edgeq.core.onnx_graph import OutputStep, load_onnx, output_step
 from edgeq.core.quiet import muted_output
 from edgeq.core.specs import EdgeqConfig, TargetSpec
 from edgeq.export import export_onnx, make_inputs, run_onnx
@@ -54,8 +56,19 @@ class GateRow(BaseModel):
     threshold: str
     passed: bool
     max_abs_diff: float | None = None
-    top1_agreement: float | None = None
+    top1_agreement: float | None = None  # on every sample
+    confident_top1_agreement: float | None = None  # on the samples whose reference top-1 margin exceeds the tolerance
+    tolerance: float | None = None  # in output units
+    tolerance_source: str = ""  # where the tolerance's step was read (the INT8 graph), or why the floor applies
+    ran: bool = True  # False: nothing independent to compare (`measured` says why); never counts as passed
+    waived: bool = False  # a gate that did not run, accepted by the config: it does not block publishing
     where: list[dict[str, Any]] = Field(default_factory=list)
+
+    @property
+    def result(self) -> str:
+        if self.ran:
+            return "PASS" if self.passed else "FAIL"
+        return "NOT RUN, waived by the config" if self.waived else "NOT RUN"
 
 
 class ValidationReport(BaseModel):
@@ -70,21 +83,27 @@ class ValidationReport(BaseModel):
 
     @property
     def passed(self) -> bool:
-        return all(g.passed for g in self.gates)
+        return all(g.passed or g.waived for g in self.gates)
 
     def failed_gates(self) -> list[GateRow]:
-        return [g for g in self.gates if not g.passed]
+        """Gates that block publishing: failed, or not run without the config accepting it."""
+        return [g for g in self.gates if not (g.passed or g.waived)]
 
 
 # ---------------------------------------------------------------- data hygiene
-def check_disjoint(test_raw: np.ndarray, calibration_hashes: set[str], version: str) -> None:
-    """The test split must share no sample with the calibration version (by content hash)."""
-    overlap = sum(pixel_hash(s) in calibration_hashes for s in test_raw)
+def check_disjoint(test_ids: list[str], calibration_ids: set[str], version: str) -> None:
+    """The test split must share no sample with the calibration version.
+
+    Compared by content identity (`edgeq.core.data.content_ids`: the model's input after data.preprocess, in
+    the model's layout), so a test split stored as scaled float32 or channels-last still meets the uint8
+    captures it shares with the calibration set; sources that cannot be put in one form were refused there.
+    """
+    overlap = sum(i in calibration_ids for i in test_ids)
     if overlap:
         raise GateError(
-            f"the test split shares {overlap} of {len(test_raw)} samples with calibration version {version} "
-            "(same decoded pixels): a held-out set must be disjoint from the calibration set — fix data.test "
-            "or rebuild the calibration set from captures that exclude the test manifest"
+            f"the test split shares {overlap} of {len(test_ids)} samples with calibration version {version} "
+            "(the same model input after data.preprocess): a held-out set must be disjoint from the calibration "
+            "set — fix data.test or rebuild the calibration set from captures that exclude the test split"
         )
 
 
@@ -132,11 +151,34 @@ def pick_device_target(cfg: EdgeqConfig) -> TargetSpec:
                             f"({', '.join(t.name for t in cfg.targets)})")
         return t
     # An unknown backend name is the compile check's failed row, not a reason to refuse picking here.
-    t = next((t for t in cfg.targets if t.backend in known_backends() and get_backend(t.backend).default_device_stage),
-             None)
+    t = next((t for t in cfg.targets if t.backend in known_backends() and get_backend(t.backend).default_device_stage
+              and not get_backend(t.backend).runs_reference_runtime(t)), None)
     if t is None:
         raise SpecError("no device target: set validation.device_target (the default is the first openvino target)")
     return t
+
+
+def not_independent(target: TargetSpec) -> str:
+    """Why `target` as the device stage would check nothing ('' when it runs another runtime or device than the
+    ONNX INT8 row): the backend says whether it runs the reference runtime."""
+    if target.backend in known_backends() and get_backend(target.backend).runs_reference_runtime(target):
+        return (f"device target {target.name!r} runs the INT8 model on the runtime and device of the ONNX INT8 row "
+                f"({target.backend} on {target.device}), so the two rows agree by construction")
+    return ""
+
+
+def check_device_stage(cfg: EdgeqConfig) -> TargetSpec:
+    """The device stage's target, refused before any work when it is not independent of the ONNX INT8 row, unless
+    the config accepts a conversion without an independent device check."""
+    target = pick_device_target(cfg)
+    why = not_independent(target)
+    if why and cfg.validation.require_independent_device:
+        raise SpecError(
+            f"validation.device_target: {why}: no independent device check would run. Name a target on another "
+            "runtime or device as validation.device_target (openvino, a board through the command backend, ...), or "
+            "set validation.require_independent_device: false to convert without one (the device agreement gate is "
+            "then reported as not run)")
+    return target
 
 
 # ---------------------------------------------------------------- localization
@@ -174,9 +216,28 @@ def fresh_reference_export(cfg: EdgeqConfig, model: torch.nn.Module, x: np.ndarr
     return out
 
 
-def output_step(int8_out: np.ndarray) -> float:
-    """One 8-bit quantization step of the output range, as ONNX INT8 produced it: the device gate's step source."""
-    return float((int8_out.max() - int8_out.min()) / 255.0) or 1e-12
+def tolerance_source(step: OutputStep, steps: float, floor: float) -> str:
+    """Where a tolerance of `steps` output steps (at least `floor`) came from, for the gate's record."""
+    if step.step is None:
+        return f"{step.source}: the tolerance is thresholds.int8_atol_floor ({floor:g})"
+    if steps * step.step < floor:
+        return (f"{step.source} ({step.step:.3g}); {steps:g} steps of it are below thresholds.int8_atol_floor, "
+                f"which applies ({floor:g})")
+    return f"{step.source} ({step.step:.3g})"
+
+
+def agreement_text(c: OutputComparison, reference: str) -> str:
+    """What an agreement gate measured: both clauses, each of which can fail alone."""
+    text = f"max abs diff {c.max_abs_diff:.3g}"
+    if c.steps is not None:
+        text += f" ({c.steps:.1f} output steps)"
+    if c.confident_samples is not None:
+        agree = "n/a" if c.confident_top1_agreement is None else f"{c.confident_top1_agreement:.4f}"
+        text += (f", top-1 agreement {agree} on {c.confident_samples} confident samples ({reference} top-1 margin > "
+                 f"{c.tolerance:.3g})")
+        if c.near_ties:
+            text += f"; {c.near_ties} near-tie flip(s) not counted"
+    return text
 
 
 # ---------------------------------------------------------------- the stage
@@ -189,6 +250,7 @@ def validate_four_way(cfg: EdgeqConfig, model: torch.nn.Module, fp32_onnx: Path,
     x, y = test
     iters = cfg.validation.latency_iters
     device = pick_device_target(cfg)
+    dependent = not_independent(device)
     ort_cpu = TargetSpec(name="onnxruntime-cpu", backend="onnxruntime", batch="dynamic")
 
     pt = run_torch_batched(model, x)
@@ -196,6 +258,12 @@ def validate_four_way(cfg: EdgeqConfig, model: torch.nn.Module, fp32_onnx: Path,
     o32 = run_onnx(fp32_onnx, {inp: x}, outputs=[outn])[outn]
     o8 = run_onnx(int8_onnx, {inp: x}, outputs=[outn])[outn]
     dev, dev_ms, dev_prec = run_target(int8_onnx, device, x, inp, outn, iters)
+    # Before anything reads the device's outputs: scoring or comparing another shape would broadcast it.
+    shape = compare_output(outn, o8, dev, Tolerance.measure_only(), labels=("ONNX INT8", "device INT8"))
+    if shape.max_abs_diff is None:
+        raise GateError(f"device agreement refused on target {device.name!r}: {shape.error}; a device output of "
+                        "another shape is refused, never broadcast: the device must return one row per input sample, "
+                        "shaped like the model's output")
     lat = {}
     for name, path in (("ONNX FP32", fp32_onnx), ("ONNX INT8", int8_onnx)):
         with get_backend("onnxruntime").runner(path, ort_cpu) as r:
@@ -205,12 +273,13 @@ def validate_four_way(cfg: EdgeqConfig, model: torch.nn.Module, fp32_onnx: Path,
         ("PyTorch FP32", f"torch {torch.__version__}", pt, torch_latency(model, x[0], iters), "fp32"),
         ("ONNX FP32", "onnxruntime CPU", o32, lat["ONNX FP32"], "fp32"),
         ("ONNX INT8", "onnxruntime CPU", o8, lat["ONNX INT8"], "int8"),
-        ("device INT8", f"{device.backend} {device.device} ({device.name})", dev, dev_ms, dev_prec),
+        ("device INT8", f"{device.backend} {device.device} ({device.name}" + (", not independent)" if dependent else ")"),
+         dev, dev_ms, dev_prec),
     ):
         m, ci = score(spec.metric, out, y, reference)
         stages.append(StageRow(stage=stage, runtime=runtime, metric=m, ci95=ci, samples=len(x), latency_ms=ms, precision=prec))
 
-    gates = []
+    gates, notes = [], []
     # Gate 1: export parity.
     c1 = compare_output(outn, pt, o32, Tolerance.absolute(th.export_atol), labels=("PyTorch FP32", "ONNX FP32"))
     g1 = GateRow(gate="export parity", pair="PyTorch FP32 -> ONNX FP32",
@@ -239,35 +308,59 @@ def validate_four_way(cfg: EdgeqConfig, model: torch.nn.Module, fp32_onnx: Path,
             except Exception as exc:  # noqa: BLE001 - graphs that no longer line up still fail the gate
                 g2.where = [{"note": f"sensitivity table unavailable: {exc}"}]
     gates.append(g2)
-    # Gate 3: device agreement, within N steps of the ONNX INT8 output range.
-    step = output_step(o8)
-    c3 = compare_output(outn, o8, dev, Tolerance.in_steps(th.device_quant_steps, step, min_top1=th.device_min_agreement),
-                        labels=("ONNX INT8", "device INT8"))
-    agree = "n/a" if c3.top1_agreement is None else f"{c3.top1_agreement:.4f}"
-    g3 = GateRow(gate="device agreement", pair=f"ONNX INT8 -> device INT8 ({device.name})",
-                 measured=c3.error or f"max abs diff {c3.max_abs_diff:.3g} ({c3.steps:.1f} output steps), "
-                                      f"top-1 agreement {agree}",
-                 threshold=f"<= {th.device_quant_steps:g} steps ({c3.tolerance:.3g}) and agreement >= "
-                           f"{th.device_min_agreement:g}",
-                 passed=c3.passed, max_abs_diff=c3.max_abs_diff, top1_agreement=c3.top1_agreement)
-    if not g3.passed:
-        g3.where = [{"worst_sample": c3.worst_sample,
-                     "note": f"{device.backend} runner exposes final outputs only: per-layer intermediates are not "
-                             "readable through it"}]
+    # Gate 3: device agreement, within N quantization steps of the output, the step read from the INT8 graph.
+    pair3 = f"ONNX INT8 -> device INT8 ({device.name})"
+    if dependent:
+        waived = not cfg.validation.require_independent_device
+        g3 = GateRow(gate="device agreement", pair=pair3,
+                     measured=f"not run: no independent device check ran: {dependent}",
+                     threshold=f"<= {th.device_quant_steps:g} output steps and top-1 agreement >= "
+                               f"{th.device_min_agreement:g} on confident samples",
+                     passed=False, ran=False, waived=waived)
+        notes.append(f"no independent device check ran: {dependent}" + (
+            " (accepted: validation.require_independent_device is false)" if waived else ""))
+    else:
+        ostep = output_step(load_onnx(int8_onnx), outn)
+        tol3 = step_tolerance(th.device_quant_steps, ostep.step, th.int8_atol_floor, min_top1=th.device_min_agreement)
+        c3 = compare_output(outn, o8, dev, tol3, labels=("ONNX INT8", "device INT8"))
+        source = tolerance_source(ostep, th.device_quant_steps, th.int8_atol_floor)
+        g3 = GateRow(gate="device agreement", pair=pair3, measured=c3.error or agreement_text(c3, "ONNX INT8"),
+                     threshold=(f"<= {th.device_quant_steps:g} output steps ({c3.tolerance:.3g})"
+                                if ostep.step is not None else
+                                f"<= {c3.tolerance:.3g} (thresholds.int8_atol_floor: no output step in the graph)")
+                               + f" and top-1 agreement >= {th.device_min_agreement:g} on confident samples",
+                     passed=c3.passed, max_abs_diff=c3.max_abs_diff, top1_agreement=c3.top1_agreement,
+                     confident_top1_agreement=c3.confident_top1_agreement, tolerance=c3.tolerance,
+                     tolerance_source=source)
+        if not g3.passed:
+            g3.where = [{"worst_sample": c3.worst_sample, "max_abs_within_tolerance": c3.within_tolerance,
+                         "confident_agreement_ok": c3.agreement_ok,
+                         "note": f"{device.backend} runner exposes final outputs only: per-layer intermediates are not "
+                                 "readable through it"}]
+        notes.append(f"device tolerance: {th.device_quant_steps:g} x the output step, {source}")
     gates.append(g3)
     return ValidationReport(model=spec.name, metric_name=spec.metric, samples=len(x),
                             calibration_version=calibration_version, device_target=device.name, stages=stages,
-                            gates=gates, notes=[f"device output step = (max - min) / 255 of ONNX INT8 outputs = {step:.3g}"])
+                            gates=gates, notes=notes)
+
+
+def shown_precision(row: StageRow) -> str:
+    """The precision column as people read it. An INT8 stage whose runtime reports its floating-point inference
+    hint (OpenVINO's `f32`: the precision of the layers left unquantized) reads "int8 (hint f32)", not as if the
+    INT8 model ran in FP32."""
+    if "INT8" in row.stage and not any(k in row.precision.lower() for k in ("int8", "i8", "u8")):
+        return f"int8 (hint {row.precision})" if row.precision else "int8"
+    return row.precision
 
 
 def format_table(report: ValidationReport) -> str:
     lines = [f"{'stage':14} {'runtime':34} {report.metric_name:>8} {'±95%':>7} {'n':>5} {'ms':>8}  precision"]
     for s in report.stages:
         lines.append(f"{s.stage:14} {s.runtime[:34]:34} {s.metric:8.4f} {s.ci95:7.4f} {s.samples:5d} "
-                     f"{'-' if s.latency_ms is None else f'{s.latency_ms:8.3f}':>8}  {s.precision}")
+                     f"{'-' if s.latency_ms is None else f'{s.latency_ms:8.3f}':>8}  {shown_precision(s)}")
     lines.append("")
     for g in report.gates:
-        lines.append(f"[{'PASS' if g.passed else 'FAIL'}] {g.gate}: {g.pair}: {g.measured} (threshold {g.threshold})")
+        lines.append(f"[{g.result}] {g.gate}: {g.pair}: {g.measured} (threshold {g.threshold})")
         for w in g.where[:5]:
             lines.append(f"         where: {w}")
     return "\n".join(lines)

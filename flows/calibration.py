@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from prefect import flow, get_run_logger, pause_flow_run
+from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
 from prefect.exceptions import FlowPauseTimeout
 from prefect.input import RunInput
@@ -22,6 +23,7 @@ from edgeq.tasks.calibration import (
     leakage_task,
     sample_task,
 )
+from edgeq.tasks.caching import on_store
 from edgeq.tasks.config import load_prepared
 
 
@@ -39,9 +41,11 @@ class CalibrationParams(BaseModel):
 class ReviewInput(RunInput):
     """The review form shown in the Prefect UI (and filled by `edgeq calibration review`)."""
 
-    decision: Literal["approve", "reject"] = Field(description="approve: quantization may use this set")
-    reviewer: str = Field(min_length=1, description="your name")
-    comment: str = Field("", description="why; what you checked")
+    decision: Literal["approve", "reject"] = Field(
+        description="approve: quantization may use this calibration set, and the approval starts a conversion; "
+                    "reject: it is never used. Either decision is final and recorded with your name.")
+    reviewer: str = Field(min_length=1, description="your name (recorded with the decision)")
+    comment: str = Field("", description="why; what you checked (recorded)")
 
 
 class CalibrationResult(BaseModel):
@@ -60,6 +64,7 @@ def _result(v: CalibrationVersion, message: str) -> CalibrationResult:
 
 def _step(store: ArtifactStore, step, *args):
     """A cached step, re-run when its cached output has gone from the store."""
+    step = on_store(step, store.root)
     state = step(*args)
     if not (store.exists(state.table) and store.exists(state.pixels)):
         state = step.with_options(refresh_cache=True)(*args)
@@ -76,6 +81,26 @@ def emit_calibration_approved(v: CalibrationVersion, config: str) -> None:
                         "reviewer": v.decision.reviewer if v.decision else None})
 
 
+def report_already_decided(v: CalibrationVersion) -> str:
+    """A build that selected exactly the samples of a decided version: no review (a decision is final). Says so in
+    the run's log and in a markdown artifact, since nothing else in the run would tell a reviewer why it did not
+    pause."""
+    d = v.decision
+    message = (f"calibration set {v.version}: this build selected the same samples, and it is already {v.status} "
+               f"by {d.reviewer} at {d.decided_at}; nothing to review (new captures give a new version)")
+    get_run_logger().info(message)
+    use = (f"Quantization can use it now: `edgeq convert CONFIG --calibration {v.version}` (or `latest`)."
+           if v.status == "approved" else "Quantization will not use it.")
+    comment = f" (comment: {d.comment})" if d.comment else ""
+    create_markdown_artifact(
+        key="calibration-review", description=f"{v.version}: already {v.status}, nothing to review",
+        markdown=f"# Calibration set `{v.version}` is already {v.status}\n\n"
+                 f"This build selected exactly the samples of `{v.version}`, which **{d.reviewer}** {v.status} at "
+                 f"{d.decided_at}{comment}. A decision is final, so the run did not pause for a review. {use} "
+                 f"New captures give a new version.\n")
+    return message
+
+
 @flow(name="build-calibration-set", log_prints=True)
 def build_calibration_set(params: CalibrationParams = CalibrationParams()) -> CalibrationResult:
     logger = get_run_logger()
@@ -86,12 +111,12 @@ def build_calibration_set(params: CalibrationParams = CalibrationParams()) -> Ca
     state = _step(store, dedupe_task, cfg, state)
     state = _step(store, leakage_task, cfg, state)
     state = _step(store, augmentation_task, cfg, state)
-    selection = sample_task(cfg, state, params.target_size, params.min_size, params.override_reason)
-    candidate = candidate_task(cfg, state, selection)
+    selection = on_store(sample_task, cfg.store_url)(cfg, state, params.target_size, params.min_size,
+                                                     params.override_reason)
+    candidate = on_store(candidate_task, cfg.store_url)(cfg, state, selection)
     v = candidate.version
     if v.status != "candidate":
-        return _result(v, f"{v.version} has the same content as a version already {v.status} "
-                          f"by {v.decision.reviewer}; nothing to review (build from other captures for a new one)")
+        return _result(v, report_already_decided(v))
     if not params.wait_for_review:
         return _result(v, f"candidate {v.version} built; review it with `edgeq calibration review {v.version}`")
 

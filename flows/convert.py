@@ -1,4 +1,4 @@
-"""Flow `convert_model`: export -> compile check -> quantize -> four-way validation -> publish.
+"""Flow `convert-model` (`convert_model`): export -> compile check -> quantize -> four-way validation -> publish.
 
 Each stage is a cached task keyed on content, so an unchanged re-run is cache hits end to end and a
 run that crashed mid-way resumes from its cached stages.
@@ -15,12 +15,14 @@ from edgeq.calibration.versions import load_version
 from edgeq.core.errors import SpecError
 from edgeq.core.specs import EdgeqConfig
 from edgeq.core.store import ArtifactStore, sha256_file
-from edgeq.flows.compile_check import run_compile_check_stage
+from edgeq.flows.compile_check import run_compile_check_stage, run_int8_compile_check_stage
 from edgeq.flows.export import run_export_stage
 from edgeq.flows.quantize import run_quantize_stage
+from edgeq.tasks.caching import on_store
 from edgeq.tasks.config import load_prepared, prepare
 from edgeq.tasks.publish import publish_task
 from edgeq.tasks.validate import ValidateResult, publish_validation, validate_task
+from edgeq.validation import check_device_stage
 
 
 class ConvertParams(BaseModel):
@@ -66,7 +68,7 @@ def lineage(cfg: EdgeqConfig, exported, quantized, calibration) -> dict[str, Any
     }
 
 
-@flow(name="convert_model", log_prints=True)
+@flow(name="convert-model", log_prints=True)
 def convert_model(params: ConvertParams = ConvertParams()) -> dict[str, Any]:
     """The whole conversion: returns the published bundle's manifest (with `uri`).
 
@@ -77,11 +79,14 @@ def convert_model(params: ConvertParams = ConvertParams()) -> dict[str, Any]:
     """
     cfg = resolve_config(params)
     logger = get_run_logger()
+    check_device_stage(cfg)  # a device stage that would hold ONNX Runtime against itself is refused before any work
     exported = run_export_stage(cfg)
     run_compile_check_stage(cfg, exported)
     quantized = run_quantize_stage(cfg, exported, cfg.quantization.calibration)
+    run_int8_compile_check_stage(cfg, quantized.int8)  # what ships must run on every required target
     version = quantized.report.calibration_version
-    validated: ValidateResult = validate_task(cfg, exported.onnx, quantized.int8, version, exported.report.opset)
+    validated: ValidateResult = on_store(validate_task, cfg.store_url)(cfg, exported.onnx, quantized.int8, version,
+                                                                       exported.report.opset)
     publish_validation(validated.report, ArtifactStore(cfg.store_url).read_bytes(validated.chart))
     calibration = load_version(ArtifactStore(cfg.store_url), version)
     measurements = {

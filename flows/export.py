@@ -6,6 +6,7 @@ from prefect import flow
 from pydantic import BaseModel, Field
 
 from edgeq.core.store import ArtifactStore
+from edgeq.tasks.caching import on_store
 from edgeq.tasks.config import load_prepared
 from edgeq.tasks.export import ExportResult, export_task, publish_export_report
 
@@ -16,9 +17,10 @@ class ExportParams(BaseModel):
 
 def run_export_stage(cfg) -> ExportResult:
     """The export task (re-run when its cached artifact has gone from the store); publishes its report."""
-    result = export_task(cfg)
+    export = on_store(export_task, cfg.store_url)
+    result = export(cfg)
     if not ArtifactStore(cfg.store_url).exists(result.onnx):
-        result = export_task.with_options(refresh_cache=True)(cfg)
+        result = export.with_options(refresh_cache=True)(cfg)
     publish_export_report(result.report)
     return result
 

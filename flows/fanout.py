@@ -18,6 +18,7 @@ from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
+from edgeq.tasks.caching import on_store
 from edgeq.tasks.compile_check import BenchSettings, CompileMatrix, compile_check_task, gate_required_targets
 from edgeq.tasks.config import load_prepared
 from edgeq.tasks.export import export_task
@@ -56,11 +57,12 @@ def fanout(params: FanoutParams) -> list[dict[str, Any]]:
     """One row per model: the FP32 and (stage 'quantize') INT8 sha256, and each target's compile status."""
     cfgs = [load_prepared(c) for c in params.configs]
     bench = BenchSettings(warmup=params.warmup, iters=params.iters)
-    exports = [export_task.submit(cfg) for cfg in cfgs]
+    exports = [on_store(export_task, cfg.store_url).submit(cfg) for cfg in cfgs]
     checks, quants = [], []
     for cfg, exp in zip(cfgs, exports):
-        checks.append(compile_check_task.map(onnx=unmapped(exp.result().onnx), target=cfg.targets,
-                                             store_url=unmapped(cfg.store_url), bench=unmapped(bench)))
+        checks.append(on_store(compile_check_task, cfg.store_url).map(
+            onnx=unmapped(exp.result().onnx), target=cfg.targets, store_url=unmapped(cfg.store_url),
+            bench=unmapped(bench)))
     if params.stage == "quantize":
         for cfg, exp, futs in zip(cfgs, exports, checks):
             version = approved_version_id(cfg, params.calibration)
@@ -68,7 +70,7 @@ def fanout(params: FanoutParams) -> list[dict[str, Any]]:
             # As in convert_model: a required target that cannot compile stops that model before quantization.
             gate_required_targets(CompileMatrix(model=cfg.model.name, onnx_sha256=e.onnx.sha256,
                                                 reports=[f.result() for f in futs]))
-            quants.append(quantize_task.submit(cfg, e.onnx, version, e.report.opset))
+            quants.append(on_store(quantize_task, cfg.store_url).submit(cfg, e.onnx, version, e.report.opset))
     rows = []
     for i, (cfg, exp, futs) in enumerate(zip(cfgs, exports, checks)):
         e = exp.result()

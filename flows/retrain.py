@@ -22,7 +22,7 @@ from edgeq.core.specs import EdgeqConfig, TrainingSpec, load_object
 from edgeq.core.store import ArtifactRef, ArtifactStore
 from edgeq.flows.convert import ConvertParams, convert_model
 from edgeq.publish import read_manifest
-from edgeq.tasks.caching import code_fingerprint, content_key, retry_transient, split_fingerprint
+from edgeq.tasks.caching import code_fingerprint, content_key, on_store, retry_transient, split_fingerprint
 from edgeq.tasks.config import load_prepared
 
 
@@ -123,9 +123,10 @@ def train_task(cfg: EdgeqConfig, kwargs: dict[str, Any]) -> TrainResult:
 
 def run_train_stage(cfg: EdgeqConfig, kwargs: dict[str, Any], retrain: bool = False) -> TrainResult:
     """The cached training task, re-run when asked or when its weights have gone from the store."""
-    result = train_task.with_options(refresh_cache=True)(cfg, kwargs) if retrain else train_task(cfg, kwargs)
+    train = on_store(train_task, cfg.store_url)
+    result = train.with_options(refresh_cache=True)(cfg, kwargs) if retrain else train(cfg, kwargs)
     if not ArtifactStore(cfg.store_url).exists(result.weights):
-        result = train_task.with_options(refresh_cache=True)(cfg, kwargs)
+        result = train.with_options(refresh_cache=True)(cfg, kwargs)
     return result
 
 
@@ -141,7 +142,7 @@ def retrained_config(cfg: EdgeqConfig, weights: Path) -> dict[str, Any]:
     return data
 
 
-@flow(name="retrain_to_deploy", log_prints=True)
+@flow(name="retrain-to-deploy", log_prints=True)
 def retrain_to_deploy(params: RetrainParams = RetrainParams()) -> RetrainResult:
     """Train, store the new weights, convert them; succeeds only when a bundle is published."""
     logger = get_run_logger()

@@ -34,10 +34,19 @@ from edgeq.calibration.select import (
 )
 from edgeq.calibration.versions import CalibrationVersion, version_id, write_candidate
 from edgeq.calibration.versions import now as utc_now
-from edgeq.core.data import load_raw, pixel_hash, preprocess
+from edgeq.core.data import (
+    CONTENT_ID_SCHEME,
+    content_ids,
+    load_raw,
+    preprocess,
+    split_content_ids,
+    to_model_layout,
+    to_raw,
+)
 from edgeq.core.errors import CalibrationError, SpecError
 from edgeq.core.specs import CaptureSpec, EdgeqConfig
 from edgeq.core.store import ArtifactRef, ArtifactStore, sha256_file, sha256_json
+from edgeq.tasks.artifacts import UIProgress, display_rows, image_markdown
 from edgeq.tasks.caching import content_key, retry_transient, split_fingerprint
 
 
@@ -112,17 +121,36 @@ def rich_progress(description: str) -> Iterator[Callable[[int, int], None]]:
 
 
 def _train_raw(cfg: EdgeqConfig) -> np.ndarray | None:
-    return None if cfg.data.train is None else load_raw(cfg.data.train)[0]
+    """The training split's raw values in the model's layout (augmentation filter, report).
+
+    A split stored as the model's input (``preprocessed: true``) is taken back through data.preprocess, so
+    flips and crops of training images are still compared with raw captures.
+    """
+    src = cfg.data.train
+    if src is None:
+        return None
+    raw = to_model_layout(load_raw(src)[0], cfg.model.inputs[0], "data.train")
+    return to_raw(raw, cfg.data.preprocess) if src.preprocessed else raw
 
 
-def _split_hashes(cfg: EdgeqConfig, which: str) -> set[str]:
-    """Hashes of a split: its manifest, plus the split's own samples when the config names it."""
+def _split_identity(cfg: EdgeqConfig, which: str) -> tuple[set[str], set[str]]:
+    """(pixel hashes listed in the split's manifest, content ids of the split's samples when the config names it).
+
+    A manifest lists pixel hashes of samples as they were stored; the split itself is compared by content
+    identity, which does not depend on its dtype, scaling or layout.
+    """
     manifest = getattr(cfg.data, f"{which}_manifest")
     hashes = read_manifest_hashes(manifest) if manifest is not None else set()
     src = getattr(cfg.data, which)
-    if src is not None:
-        hashes |= {pixel_hash(x) for x in load_raw(src)[0]}
-    return hashes
+    ids = set() if src is None else set(split_content_ids(src, cfg.data.preprocess, cfg.model.inputs[0],
+                                                          f"data.{which}"))
+    return hashes, ids
+
+
+def _capture_ids(cfg: EdgeqConfig, table: pd.DataFrame, pixels: np.ndarray) -> list[str]:
+    """The content id of each pool row ("" for a row without usable pixels)."""
+    ids = content_ids(pixels, cfg.data.preprocess, cfg.model.inputs[0], what="the capture pool (data.captures)")
+    return [ids[i] if i >= 0 else "" for i in table["pixel_index"].to_numpy()]
 
 
 # -- steps as plain functions --------------------------------------------------------------------------
@@ -146,15 +174,17 @@ def dedupe_in_store(store: ArtifactStore, state: PoolState) -> PoolState:
 
 def exclude_leakage_in_store(cfg: EdgeqConfig, store: ArtifactStore, state: PoolState) -> PoolState:
     """Step 3: anything in the training or the test set; a pool left empty by it is an error."""
-    table, _ = load_state(store, state)
-    out = exclude_leakage(table, _split_hashes(cfg, "train"), _split_hashes(cfg, "test"))
+    table, pixels = load_state(store, state)
+    (train_hashes, train_ids), (test_hashes, test_ids) = _split_identity(cfg, "train"), _split_identity(cfg, "test")
+    out = exclude_leakage(table, train_hashes, test_hashes, content_ids=_capture_ids(cfg, table, pixels),
+                          train_ids=train_ids, test_ids=test_ids)
     before, after = int(usable(table).sum()), int(usable(out).sum())
     if before and not after:
         n_train = int((out["excluded"] == "in-train").sum())
         n_test = int((out["excluded"] == "in-test").sum())
         raise CalibrationError(
             f"all {before} usable captures in {capture_spec(cfg).metadata} are already in the training set "
-            f"({n_train}) or the test set ({n_test}) by pixel hash; calibrate on production captures the model "
+            f"({n_train}) or the test set ({n_test}) by content; calibrate on production captures the model "
             f"was not trained or tested on"
         )
     return _state(store, out, state.pixels)
@@ -216,6 +246,9 @@ def build_candidate(cfg: EdgeqConfig, store: ArtifactStore, state: PoolState, se
         notes.append("no training split in the config: flips/crops/jitters of training images were not checked")
     if cfg.data.train is None and cfg.data.train_manifest is None:
         notes.append("no training manifest or split: training-set leakage was not checked")
+    elif cfg.data.train is None:
+        notes.append("no training split in the config: training-set leakage was checked against the pixel hashes "
+                     "of data.train_manifest only, which miss a copy stored in another dtype or layout")
     report = coverage_report(table, rows, spec.strata, selection.target_size, selection.min_size, x, train_x,
                              spec.expected_strata, notes)
 
@@ -232,7 +265,10 @@ def build_candidate(cfg: EdgeqConfig, store: ArtifactStore, state: PoolState, se
         "histogram": store.put_bytes(png, "histogram.png"),
     }
     excluded_rows = table[table["excluded"] != ""]
-    md = coverage_markdown(report, vid, excluded_rows, artifacts["histogram"].uri)
+    # The picture itself, not its store path: the report is the review form's description, and no browser opens a
+    # file:// path (or an s3:// one) from the Prefect UI.
+    md = coverage_markdown(report, vid, excluded_rows) + "\n\n" + image_markdown(
+        png, "intensity histogram of the calibration set and the training set")
     artifacts["report"] = store.put_bytes(md.encode(), "report.md")
     version = CalibrationVersion(
         version=vid, created_at=utc_now(), model=cfg.model.name, input_name=inp.name,
@@ -250,7 +286,7 @@ def publish_report(candidate: Candidate) -> None:
     v = candidate.version
     create_markdown_artifact(markdown=candidate.markdown, key="calibration-report",
                              description=f"calibration set {v.version} ({v.status})")
-    create_table_artifact(table=[r.model_dump() for r in candidate.report.rows] or [{"strata": "none"}],
+    create_table_artifact(table=display_rows(r.model_dump() for r in candidate.report.rows) or [{"strata": "none"}],
                           key="calibration-strata", description=f"strata coverage of {v.version}: pool vs selection")
 
 
@@ -268,7 +304,12 @@ _TASK = dict(persist_result=True, retries=2, retry_delay_seconds=2, retry_condit
       cache_key_fn=lambda ctx, p: _key("calibration-ingest", p["cfg"], source=captures_fingerprint(capture_spec(p["cfg"]))),
       **_TASK)
 def ingest_task(cfg: EdgeqConfig) -> PoolState:
-    with rich_progress("ingest + hash captures") as progress:
+    ui = UIProgress("calibration-ingest", "reading and hashing the capture pool")
+    with rich_progress("ingest + hash captures") as bar:
+        def progress(done: int, total: int) -> None:
+            bar(done, total)
+            ui.update(100.0 * done / max(total, 1), f"{done} of {total} captures read and hashed", force=done >= total)
+
         return ingest_to_store(cfg, ArtifactStore(cfg.store_url), progress)
 
 
@@ -279,8 +320,11 @@ def dedupe_task(cfg: EdgeqConfig, state: PoolState) -> PoolState:
 
 def _split_key(cfg: EdgeqConfig) -> Any:
     files = [cfg.data.train_manifest, cfg.data.test_manifest]
+    # Content ids also depend on the model's input shape and the preprocessing.
+    identity = [CONTENT_ID_SCHEME, cfg.model.inputs[0].model_dump(mode="json"),
+                cfg.data.preprocess.model_dump(mode="json")]
     return [split_fingerprint(cfg.data.train), split_fingerprint(cfg.data.test),
-            [sha256_file(f) if f is not None and Path(f).is_file() else str(f) for f in files]]
+            [sha256_file(f) if f is not None and Path(f).is_file() else str(f) for f in files], identity]
 
 
 @task(name="calibration-exclude-leakage",

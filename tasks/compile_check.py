@@ -13,6 +13,7 @@ from edgeq.backends import CompileReport, get_backend
 from edgeq.core.errors import CompileCheckFailed, EdgeqError
 from edgeq.core.specs import TargetSpec
 from edgeq.core.store import ArtifactRef, ArtifactStore
+from edgeq.tasks.artifacts import display_rows, md_cell, short_text
 from edgeq.tasks.caching import content_key, retry_transient
 
 MATRIX_COLUMNS = ["target", "backend", "status", "unsupported ops", "control flow", "opset", "precision", "layout",
@@ -25,11 +26,12 @@ class BenchSettings(BaseModel):
 
 
 class CompileMatrix(BaseModel):
-    """Every target's compile report for one ONNX file."""
+    """Every target's compile report for one ONNX file: the exported FP32 graph, or the INT8 graph that will ship."""
 
     model: str
     onnx_sha256: str
     reports: list[CompileReport]
+    graph: str = "FP32"  # or "INT8"
 
     def table(self) -> pd.DataFrame:
         return pd.DataFrame([r.row() for r in self.reports], columns=MATRIX_COLUMNS)
@@ -82,16 +84,19 @@ def gate_required_targets(matrix: CompileMatrix) -> None:
     bad = matrix.failed_required
     if bad:
         lines = [f"- {r.target} ({r.backend}, {r.status}): {r.reason}" for r in bad]
+        what, stop = ((f"model {matrix.model}", "the pipeline stops before quantization") if matrix.graph == "FP32" else
+                      (f"the {matrix.graph} model of {matrix.model}", "it is neither validated nor published"))
         raise CompileCheckFailed(
-            f"{len(bad)} required target(s) cannot take model {matrix.model} (onnx {matrix.onnx_sha256[:12]}…); "
-            "the pipeline stops before quantization. Fix the model or the target, or mark the target "
+            f"{len(bad)} required target(s) cannot take {what} (onnx {matrix.onnx_sha256[:12]}…); "
+            f"{stop}. Fix the model or the target, or mark the target "
             "`required: false`:\n" + "\n".join(lines), report=matrix)
 
 
 def matrix_markdown(matrix: CompileMatrix) -> str:
-    lines = [f"# Compile check of `{matrix.model}` (onnx `{matrix.onnx_sha256[:12]}…`)", ""]
+    lines = [f"# Compile check of `{matrix.model}` {matrix.graph} (onnx `{matrix.onnx_sha256[:12]}…`)", ""]
     bad = matrix.failed_required
-    lines.append(f"**{len(bad)} required target(s) failed**: the pipeline stops before quantization." if bad
+    stop = "the pipeline stops before quantization" if matrix.graph == "FP32" else "the INT8 model is not published"
+    lines.append(f"**{len(bad)} required target(s) failed**: {stop}." if bad
                  else "Every required target compiles (or passes its declared profile).")
     lines += ["", "`declared-ok` is a static check against a target profile, not a compile.", ""]
     lines += _markdown_table(matrix.table().drop(columns=["reason"]))
@@ -105,19 +110,36 @@ def matrix_markdown(matrix: CompileMatrix) -> str:
 
 def _markdown_table(df: pd.DataFrame) -> list[str]:
     def cell(v) -> str:
-        return "-" if v is None or (isinstance(v, float) and pd.isna(v)) else str(v).replace("|", "\\|")
+        return md_cell(None if isinstance(v, float) and pd.isna(v) else v)
 
     return (["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
             + ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)])
 
 
+STATUS_COLUMNS = ["target", "backend", "status", "required", "reason"]
+DETAIL_COLUMNS = ["target", "opset", "precision", "layout", "batch", "compile s", "latency median ms",
+                  "latency p90 ms", "threads", "control flow", "unsupported ops"]
+
+
 def publish_matrix(matrix: CompileMatrix) -> None:
     """Table + markdown artifacts in the Prefect UI."""
     table = matrix.table().astype(object).where(matrix.table().notna(), None)
-    create_table_artifact(table=table.to_dict(orient="records"), key="compile-matrix",
-                          description=f"compile check of {matrix.model}: target x backend x status x latency")
-    create_markdown_artifact(markdown=matrix_markdown(matrix), key="compile-check-report",
-                             description=f"compile check of {matrix.model}")
+    suffix = "" if matrix.graph == "FP32" else f"-{matrix.graph.lower()}"
+    rows = table.to_dict(orient="records")
+    # Two tables: the UI shows a table's cells on one line, and all fifteen columns (2,300 px) put the reason
+    # off-screen. First what failed and why (the full reasons are in the markdown report), then the measurements.
+    create_table_artifact(
+        table=display_rows({**{c: r.get(c) for c in STATUS_COLUMNS}, "reason": short_text(r.get("reason"))}
+                           for r in rows),
+        key=f"compile-matrix{suffix}",
+        description=f"compile check of {matrix.model} {matrix.graph}: status per target (full reasons in "
+                    f"compile-check-report{suffix}; measurements in compile-details{suffix})")
+    create_table_artifact(
+        table=display_rows({c: r.get(c) for c in DETAIL_COLUMNS} for r in rows), key=f"compile-details{suffix}",
+        description=f"compile check of {matrix.model} {matrix.graph}: opset, precision, layout, compile time, "
+                    "batch-1 latency")
+    create_markdown_artifact(markdown=matrix_markdown(matrix), key=f"compile-check-report{suffix}",
+                             description=f"compile check of {matrix.model} {matrix.graph}")
 
 
 @task(

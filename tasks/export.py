@@ -15,6 +15,7 @@ from edgeq.core.modeling import build_model
 from edgeq.core.specs import EdgeqConfig
 from edgeq.core.store import ArtifactRef, ArtifactStore, sha256_file
 from edgeq.export import ExportReport, choose_opset, run_export
+from edgeq.tasks.artifacts import MISSING, display_rows
 from edgeq.tasks.caching import code_fingerprint, content_key, retry_transient, split_fingerprint
 
 
@@ -58,9 +59,9 @@ def publish_export_report(report: ExportReport, failed: str = "") -> None:
     create_markdown_artifact(markdown=export_markdown(report, failed), key="export-report",
                              description=f"export of {report.model}")
     create_table_artifact(
-        table=[r.model_dump() for r in report.parity] + [
+        table=display_rows([r.model_dump() for r in report.parity] + [
             {"output": f"probe {p.input}[{p.axis}]={p.size}", "max_abs_diff": p.max_abs_diff, "passed": p.ok}
-            for p in report.probe],
+            for p in report.probe]),
         key="export-parity", description="PyTorch vs ONNX Runtime parity and dynamic-shape probe")
 
 
@@ -74,7 +75,7 @@ def export_markdown(report: ExportReport, failed: str = "") -> str:
     lines += [f"| {r.output} | {r.max_abs_diff:.3g} | {r.max_rel_diff:.3g} | {r.worst_sample} | {r.samples} | {r.tolerance:g} | "
               f"{'yes' if r.passed else '**no**'} |" for r in report.parity]
     lines += ["", "## Dynamic-shape probe", "", "| input | axis | dim | size | max abs | ok | error |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {p.input} | {p.axis} | {p.dim} | {p.size} | {p.max_abs_diff if p.max_abs_diff is not None else '-'} | "
+    lines += [f"| {p.input} | {p.axis} | {p.dim} | {p.size} | {MISSING if p.max_abs_diff is None else f'{p.max_abs_diff:.3g}'} | "
               f"{'yes' if p.ok else '**no**'} | {p.error} |" for p in report.probe]
     lines += ["", "## Graph scan (custom ops, control flow)", ""]
     if not report.findings:

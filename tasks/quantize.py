@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
+from typing import Callable, get_args
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -14,9 +16,10 @@ from edgeq.calibration.versions import get_approved
 from edgeq.core.data import load_split
 from edgeq.core.errors import GateError
 from edgeq.core.modeling import build_model
-from edgeq.core.specs import EdgeqConfig
+from edgeq.core.specs import EdgeqConfig, PTQMethod
 from edgeq.core.store import ArtifactRef, ArtifactStore, sha256_file
 from edgeq.quantization.escalate import QuantizationReport, format_attempts, run_quantization
+from edgeq.tasks.artifacts import UIProgress, display_rows
 from edgeq.tasks.caching import code_fingerprint, content_key, retry_transient, split_fingerprint
 
 
@@ -88,10 +91,11 @@ def quantization_markdown(report: QuantizationReport, failed: str = "") -> str:
 def publish_quantization(report: QuantizationReport, failed: str = "") -> None:
     create_markdown_artifact(markdown=quantization_markdown(report, failed), key="quantization-report",
                              description=f"INT8 quantization of {report.model}")
-    create_table_artifact(table=report.attempts_table(), key="quantization-attempts",
+    create_table_artifact(table=display_rows(report.attempts_table()), key="quantization-attempts",
                           description="every quantization attempt: validation metric, SLA, latency per target")
     if report.sensitivity:
-        create_table_artifact(table=[r.model_dump() for r in report.sensitivity], key="quantization-sensitivity",
+        create_table_artifact(table=display_rows(r.model_dump() for r in report.sensitivity),
+                              key="quantization-sensitivity",
                               description="per-layer SQNR (dB) between FP32 and INT8 activations; lowest = most sensitive")
 
 
@@ -103,10 +107,59 @@ def publish_quantization(report: QuantizationReport, failed: str = "") -> None:
     retry_condition_fn=retry_transient,
 )
 def quantize_task(cfg: EdgeqConfig, fp32: ArtifactRef, calibration_version: str, opset: int) -> QuantizeResult:
-    logger = get_run_logger()
+    progress = QuantizeProgress(cfg, get_run_logger().info)
     try:
-        return quantize_to_store(cfg, fp32, calibration_version, opset, log=logger.info)
+        result = quantize_to_store(cfg, fp32, calibration_version, opset, log=progress)
     except GateError as exc:
+        progress.finish("no attempt met the SLA")
         if exc.report is not None:
             publish_quantization(exc.report, failed=str(exc))
         raise
+    chosen = result.report.chosen_attempt
+    progress.finish(f"chose attempt {chosen.index} ({chosen.label})")
+    return result
+
+
+def most_attempts(cfg: EdgeqConfig) -> int:
+    """At most how many attempts the escalation ladder makes (it stops after the first rung that meets the SLA)."""
+    q = cfg.quantization
+    # the base settings, the other calibration methods, the other engine, up to max_sensitive_fp32 layers in FP32
+    ptq = 1 + (len(get_args(PTQMethod)) - 1) + 1 + q.max_sensitive_fp32
+    if q.mode == "qat" or q.sla == "fixed":
+        return 1
+    return ptq if q.mode == "ptq" else ptq + 1
+
+
+class QuantizeProgress:
+    """Progress bars in the UI, fed by the escalation's log lines: one for the ladder's attempts, one for QAT's epochs.
+
+    It is the stage's `log` callable, so every line still reaches the run's log.
+    """
+
+    _ATTEMPT = re.compile(r"attempt (\d+) ")
+    _EPOCH = re.compile(r"QAT epoch .*'epoch': (\d+)")
+
+    def __init__(self, cfg: EdgeqConfig, log: Callable[[str], None]):
+        self.log = log
+        self.most = most_attempts(cfg)
+        self.epochs = cfg.quantization.qat_epochs
+        self.done = 0
+        self.ladder = UIProgress("quantization-progress", f"INT8 attempts (at most {self.most}, until one meets the SLA)")
+        self.qat: UIProgress | None = None
+
+    def __call__(self, line: str) -> None:
+        self.log(line)
+        if m := self._ATTEMPT.match(line):
+            self.done = int(m.group(1)) + 1
+            # Short of 100 % until the stage ends: the ladder may stop after this attempt or climb on.
+            self.ladder.update(min(99.0, 100.0 * self.done / self.most),
+                               f"{self.done} of at most {self.most} attempts; last: {line}", force=True)
+        elif m := self._EPOCH.match(line):
+            epoch = int(m.group(1))
+            if self.qat is None:
+                self.qat = UIProgress("qat-progress", f"QAT fine-tuning: {self.epochs} epochs")
+            self.qat.update(100.0 * epoch / self.epochs, f"QAT epoch {epoch} of {self.epochs}",
+                            force=epoch >= self.epochs)
+
+    def finish(self, outcome: str) -> None:
+        self.ladder.update(100.0, f"{self.done} attempt(s): {outcome}", force=True)

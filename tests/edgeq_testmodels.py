@@ -97,3 +97,16 @@ class OutlierNet(DigitsNet):
 
 def outlier_net(**kw):
     return OutlierNet(**kw)
+
+
+class NanAux(DigitsNet):
+    """The demo network with a second output, 'aux', that is NaN for every sample (the square root of a negative
+    number), in PyTorch and in ONNX alike: only a comparison that refuses non-finite values notices it."""
+
+    def forward(self, x):
+        logits = super().forward(x)
+        return logits, torch.sqrt(-1.0 - logits.abs().sum(1, keepdim=True))
+
+
+def nan_aux(**kw):
+    return NanAux(**kw)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgeq.core.compare import Tolerance, compare_output, compare_outputs, range_step
+from edgeq.core.compare import Tolerance, compare_output, compare_outputs, range_step, step_tolerance
 
 
 def _logits(n: int = 8, classes: int = 10, seed: int = 0) -> np.ndarray:
@@ -72,14 +72,41 @@ def test_the_step_is_the_callers_choice():
     assert not compare_output("logits", ref, got, Tolerance.in_steps(3, 0.001)).passed
 
 
-def test_top1_floor_and_near_ties():
+def test_agreement_counts_the_confident_samples_and_reports_near_ties():
     ref = np.array([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0], [0.50, 0.51]], dtype=np.float32)
     got = ref.copy()
-    got[3] = [0.51, 0.50]  # a near tie flipped: the reference's top-1 margin is 0.01
-    strict = compare_output("p", ref, got, Tolerance.absolute(0.02, min_top1=0.99))
-    assert strict.top1_agreement == 0.75 and not strict.passed
-    excused = compare_output("p", ref, got, Tolerance.absolute(0.02, min_top1=0.99, near_tie=2))
-    assert excused.near_ties == 1 and excused.top1_agreement_excusing_ties == 1.0 and excused.passed
+    got[3] = [0.51, 0.50]  # a near tie flipped: its top-1 margin (0.01) is within the tolerance
+    rec = compare_output("p", ref, got, Tolerance.absolute(0.02, min_top1=0.99))
+    assert rec.top1_agreement == 0.75  # over every sample, reported
+    assert rec.confident_samples == 3 and rec.confident_top1_agreement == 1.0 and rec.near_ties == 1
+    assert rec.within_tolerance and rec.agreement_ok and rec.passed
+
+
+def test_max_abs_beyond_the_steps_fails_alone_with_agreement_intact():
+    ref = _logits(64)
+    got = ref + 4 * 0.01  # every value 4 steps off, every ranking kept
+    rec = compare_output("logits", ref, got, Tolerance.in_steps(3, 0.01, min_top1=0.99))
+    assert not rec.passed and rec.within_tolerance is False
+    assert rec.top1_agreement == 1.0 and rec.confident_top1_agreement == 1.0 and rec.agreement_ok is True
+    assert rec.steps == pytest.approx(4, rel=1e-4)
+
+
+def test_a_confident_sample_flipped_within_the_tolerance_fails_the_agreement_clause_alone():
+    ref = np.tile(np.array([[2.0, 1.5, 0.0]], np.float32), (10, 1))  # top-1 margin 0.5 everywhere
+    got = ref.copy()
+    got[7, 0] -= 0.26  # best and runner-up swap, neither moving by more than the tolerance
+    got[7, 1] += 0.26
+    rec = compare_output("logits", ref, got, Tolerance.absolute(0.3, min_top1=0.99))
+    assert rec.within_tolerance and rec.max_abs_diff == pytest.approx(0.26, rel=1e-5)
+    assert rec.confident_samples == 10 and rec.confident_top1_agreement == 0.9 and rec.near_ties == 0
+    assert rec.agreement_ok is False and not rec.passed
+
+
+def test_the_floor_is_the_least_tolerance_and_the_whole_one_without_a_step():
+    assert Tolerance.in_steps(3, 0.001, floor=0.01).limit == 0.01
+    assert Tolerance.in_steps(3, 0.1, floor=0.01).limit == pytest.approx(0.3)
+    assert step_tolerance(3, None, 0.05, min_top1=0.99) == Tolerance.absolute(0.05, min_top1=0.99)
+    assert step_tolerance(3, 0.1, 0.05).limit == pytest.approx(0.3)
 
 
 def test_top1_is_left_out_where_a_sample_has_one_value():

@@ -166,3 +166,14 @@ def test_parity_gate_reports_numbers(tmp_path, demo_root):
     with pytest.raises(GateError, match=r"parity gate: output 'logits' max abs diff .* > tolerance 1e-12 .*worst sample #\d+ of 32"):
         export_to_store(cfg)
     assert _store_files(cfg) == []
+
+
+def test_a_nan_in_one_output_fails_the_probe_naming_that_output(tmp_path, demo_root):
+    # 'aux' comes second: a max over the outputs' differences would have dropped its NaN (max([0.1, nan]) is 0.1).
+    cfg = _cfg(tmp_path, demo_root, model={"factory": "tests.edgeq_testmodels:nan_aux", "outputs": ["logits", "aux"]})
+    with pytest.raises(GateError, match=r"dynamic-shape probe: input 'image' axis 0 \('batch'\) at size 1: "
+                                        r"output 'aux': PyTorch has 1 non-finite value\(s\) \(NaN/Inf\).*"
+                                        r"computes NaN/Inf") as err:
+        export_to_store(cfg)
+    assert "baked in" not in str(err.value)  # a NaN is not blamed on a shape
+    assert _store_files(cfg) == []

@@ -80,6 +80,8 @@ def plain_pipeline(config: Path) -> str:
                            reports=[check_target(exported.onnx, t, cfg.store_url) for t in cfg.targets])
     gate_required_targets(matrix)
     quantized = quantize_to_store(cfg, exported.onnx, version, exported.report.opset, log=lambda *a: None)
+    gate_required_targets(CompileMatrix(model=cfg.model.name, onnx_sha256=quantized.int8.sha256, graph="INT8",
+                                        reports=[check_target(quantized.int8, t, cfg.store_url) for t in cfg.targets]))
     validated = validate_to_store(cfg, exported.onnx, quantized.int8, version, exported.report.opset)
     measurements = {"four_way": validated.report.model_dump(mode="json"),
                     "four_way_report": validated.report_json.uri,

@@ -1,13 +1,29 @@
-"""Scaling benchmark: N conversions (N = 1, 2, 4 small models) on 1 vs 2 Dask workers, measured in one run.
+"""Scaling benchmark: N conversions on 1 vs 2 workers, each worker on a CPU of its own with one compute thread.
 
-    python -m edgeq.benchmarks.scaling [--sizes 1 2 4] [--workers 1 2] [--root .edgeq/demo]
+    python -m edgeq.benchmarks.scaling [--sizes 2 4 8] [--rounds 3] [--paths workpool dask] [--root .edgeq/demo]
 
-A conversion here is export -> compile check (ONNX Runtime, OpenVINO, a declared profile) -> INT8 PTQ of one
-model, run by the `fanout` flow on `prefect_dask.DaskTaskRunner` against a pre-started `distributed.LocalCluster`
-(started once per worker count and warmed up, so the times are the work, not process start-up). The models are
-the demo CNN at widths 8, 12, 16, 24 (the trained demo weights at 16, seeded random weights elsewhere, with the
-INT8 SLA relaxed: this measures throughput, not accuracy). Every measurement uses a fresh copy of the store, so
-nothing is a cache hit. Runs against PREFECT_API_URL when set, else a temporary local Prefect server.
+A conversion is the same work on both paths: the `fanout` flow's tasks for one model (export with its parity gate
+and dynamic-shape probe; compile check on ONNX Runtime, OpenVINO and a declared profile; INT8 PTQ from an approved
+calibration version, FP32 vs INT8 on the validation data, batch-1 latencies). The model is ResNet-18's layout at
+3x64x64 (edgeq.benchmarks.quantization.ResNet18) on the demo digits upscaled to 64x64, with random weights from a
+seed per model (BatchNorm statistics taken from the data), so N models are N different conversions, and every
+measurement writes to a fresh store: nothing is a cache hit. The INT8 SLA is relaxed (random weights: this
+measures throughput, not accuracy).
+
+Paths, both against one Prefect server on a throw-away PostgreSQL (edgeq.benchmarks.localpool):
+- workpool: a process pool and two `prefect worker start --limit 1` processes, A on the first CPU, B on the second;
+  a deployment of `fanout`; N flow runs of one model each, sent to the queue `solo` (only A polls it: 1 worker) or
+  `pair` (both poll it: 2 workers). The time includes each flow run's process start (a fresh Python importing
+  torch, ONNX Runtime and OpenVINO): that is what a flow run on a process worker costs.
+- dask: `fanout` over the N models in this process, its tasks on a `distributed.LocalCluster` of 1 or 2
+  single-threaded worker processes, the first on the first CPU, the second on the second; the workers are warm (one
+  untimed run first), as long-lived Dask workers are.
+Every worker process: one CPU (sched_setaffinity, inherited by what it starts), OMP/MKL/OpenBLAS threads 1 (torch
+takes its thread count from OMP_NUM_THREADS), targets with `threads: 1` (ONNX Runtime intra-op threads, OpenVINO
+inference threads). The server and PostgreSQL are not pinned: they share the CPUs with the workers.
+
+Rounds interleave sizes, paths and worker counts, so drift on a shared machine hits all alike; the report gives each
+cell's median and range (min-max) over the rounds.
 """
 
 from __future__ import annotations
@@ -15,129 +31,310 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from edgeq.core.quiet import quiet_environment
 
-WIDTHS = (8, 12, 16, 24)
+SIZE = 64
+POOL = "edgeq-scaling"
+SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+TASKS_PER_MODEL = 5  # export, compile check x3, quantize
 
 
-def _config(root: Path, folder: Path, store: Path, width: int, weights: Path) -> Path:
+# ---------------------------------------------------------------- the model, its data, its configs
+def _dataset(root: Path, out: Path) -> Path:
+    """The demo's validation, test and capture pool upscaled to 3x64x64 uint8 (the capture metadata as is)."""
+    import numpy as np
+
+    from edgeq.benchmarks.quantization import upscale
+
+    def u8(x):
+        return np.clip(np.rint(upscale(x, SIZE) * 255.0), 0, 255).astype(np.uint8)
+
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("validation", "test"):
+        z = np.load(root / f"{split}.npz")
+        np.savez(out / f"{split}.npz", x=u8(z["x"]), y=z["y"])
+    (out / "captures").mkdir(exist_ok=True)
+    np.savez(out / "captures" / "pool.npz", x=u8(np.load(root / "pool.npz")["x"]))  # rows in metadata order
+    shutil.copy(root / "captures" / "metadata.csv", out / "captures" / "metadata.csv")
+    return out
+
+
+def _weights(data: Path, folder: Path, seed: int) -> Path:
+    """ResNet-18 with random weights from `seed`; BatchNorm running statistics from a few batches of the data
+    (with the initial ones, mean 0 and variance 1, activations grow block after block)."""
+    import numpy as np
+    import safetensors.torch
+    import torch
+
+    from edgeq.benchmarks.quantization import ResNet18
+
+    path = folder / f"resnet18-seed{seed}.safetensors"
+    if path.is_file():
+        return path
+    torch.manual_seed(seed)
+    model = ResNet18(num_classes=10)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the batches below
+    x = torch.from_numpy(np.load(data / "validation.npz")["x"][:128].astype(np.float32) / 255.0)
+    model.train()
+    with torch.no_grad():
+        for batch in x.split(32):
+            model(batch)
+    folder.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.eval().state_dict().items()}, path)
+    return path
+
+
+def _config(data: Path, folder: Path, store: Path, seed: int, weights: Path) -> Path:
     import yaml
 
-    data = {
-        "name": f"scaling-w{width}", "store": str(store),
-        "model": {"name": "digits-cnn", "factory": "edgeq.demo:digits_net", "kwargs": {"width": width, "num_classes": 10},
-                  "weights": str(weights), "inputs": [{"name": "image", "shape": ["batch", 1, 8, 8]}],
-                  "outputs": ["logits"], "example_dims": {"batch": 2}, "metric": "top1"},
-        "targets": [{"name": "ort-cpu", "backend": "onnxruntime"}, {"name": "openvino-cpu", "backend": "openvino"},
+    arrays = {split: {"kind": "arrays", "path": str(data / f"{split}.npz")} for split in ("validation", "test")}
+    cfg = {
+        "name": f"scaling-resnet18-{seed}", "store": str(store),
+        "model": {"name": "resnet18-64", "factory": "edgeq.benchmarks.quantization:ResNet18",
+                  "kwargs": {"num_classes": 10}, "weights": str(weights),
+                  "inputs": [{"name": "image", "shape": ["batch", 3, SIZE, SIZE]}], "outputs": ["logits"],
+                  "example_dims": {"batch": 2}, "metric": "top1"},
+        "targets": [{"name": "ort-cpu", "backend": "onnxruntime", "threads": 1},
+                    {"name": "openvino-cpu", "backend": "openvino", "threads": 1},
                     {"name": "hailo8-declared", "backend": "declared", "profile": "hailo8-example",
                      "precision": "int8", "required": False}],
-        "data": {"preprocess": {"scale": 1 / 255},
-                 "train": {"kind": "arrays", "path": str(root / "train.npz")},
-                 "validation": {"kind": "arrays", "path": str(root / "validation.npz")},
-                 "test": {"kind": "arrays", "path": str(root / "test.npz")},
-                 "train_manifest": str(root / "train_manifest.parquet"),
-                 "test_manifest": str(root / "test_manifest.parquet"),
-                 "captures": {"path": str(root / "captures"), "metadata": str(root / "captures" / "metadata.csv"),
-                              "strata": ["lighting", "camera", "time_of_day"]}},
+        "data": {"preprocess": {"scale": 1 / 255}, **arrays,
+                 "captures": {"path": str(data / "captures" / "pool.npz"),
+                              "metadata": str(data / "captures" / "metadata.csv"),
+                              "strata": ["lighting", "camera", "time_of_day"], "target_size": 128, "min_size": 64}},
         "thresholds": {"int8_max_drop": 1.0},
         "quantization": {"mode": "ptq", "latency_iters": 10},
     }
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"w{width}.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    path = folder / f"seed{seed}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 
-def _weights(root: Path, folder: Path, width: int) -> Path:
-    if width == 16:
-        return root / "digits_cnn.safetensors"
-    import safetensors.torch
+class Models:
+    """Configs of N different models on a fresh copy of a store holding the approved calibration version.
+
+    Model i is the same in every measurement; the fresh store is what makes it a new conversion: every cache key
+    holds the store's URL, and Prefect's results live in the store.
+    """
+
+    def __init__(self, root: Path, work: Path):
+        from edgeq.calibration.versions import record_decision
+        from edgeq.core.store import ArtifactStore
+        from edgeq.tasks.calibration import build_calibration_candidate
+        from edgeq.tasks.config import load_prepared
+
+        self.work = work
+        self.data = _dataset(root, work / "data")
+        self.seed_store = work / "seed-store"
+        cfg = load_prepared(_config(self.data, work / "seed", self.seed_store, 0, _weights(self.data, work / "w", 0)))
+        self.version = build_calibration_candidate(cfg).version.version
+        record_decision(ArtifactStore(cfg.store_url), self.version, approve=True, reviewer="scaling-benchmark",
+                        comment="benchmark only")
+
+    def fresh(self, n: int, label: str) -> list[str]:
+        """Configs of models 1..N on a fresh store: nothing there converted yet."""
+        store = self.work / f"store-{label}"
+        shutil.copytree(self.seed_store, store)
+        return [str(_config(self.data, self.work / f"cfg-{label}", store, s, _weights(self.data, self.work / "w", s)))
+                for s in range(1, n + 1)]
+
+
+# ---------------------------------------------------------------- pinning
+def pin_this_process(cpu: int) -> dict[str, Any]:
+    """Pin every thread of the calling process to `cpu` and torch to one thread (run inside a Dask worker)."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), {cpu})
+        except OSError:  # a thread that just ended
+            pass
     import torch
 
-    from edgeq.demo import digits_net
-
-    torch.manual_seed(width)
-    path = folder / f"digits-w{width}.safetensors"
-    safetensors.torch.save_file(digits_net(width=width).state_dict(), path)
-    return path
+    torch.set_num_threads(1)
+    return {"pid": os.getpid(), "cpus": sorted(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads()}
 
 
-def _seed_store(root: Path, work: Path) -> tuple[Path, str]:
-    """A store holding an approved calibration version for the demo model (copied per measurement)."""
-    from edgeq.calibration.versions import record_decision
-    from edgeq.core.store import ArtifactStore
-    from edgeq.tasks.calibration import build_calibration_candidate
-    from edgeq.tasks.config import load_prepared
-
-    store = work / "seed-store"
-    cfg = load_prepared(_config(root, work / "seed", store, 16, root / "digits_cnn.safetensors"))
-    version = build_calibration_candidate(cfg).version.version
-    record_decision(ArtifactStore(cfg.store_url), version, approve=True, reviewer="scaling-benchmark",
-                    comment="benchmark only")
-    return store, version
+def cpus_of(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            return line.split(":", 1)[1].strip()
+    return "?"
 
 
-def _measure(root: Path, work: Path, seed: Path, version: str, n: int, address: str, label: str) -> float:
-    from edgeq.flows.fanout import FanoutParams, run_fanout
+# ---------------------------------------------------------------- the two paths
+class WorkPoolPath:
+    name = "workpool"
 
-    store = work / f"store-{label}"
-    shutil.copytree(seed, store)
-    configs = [str(_config(root, work / f"cfg-{label}", store, w, _weights(root, work, w))) for w in WIDTHS[:n]]
-    t0 = time.perf_counter()
-    state = run_fanout(FanoutParams(configs=configs, stage="quantize", calibration=version, runner="dask",
-                                    address=address), return_state=True)
-    dt = time.perf_counter() - t0
-    if not state.is_completed():
-        raise SystemExit(f"fan-out {label} failed: {state.message}")
-    from prefect.client.orchestration import get_client
+    def __init__(self, work: Path, cpus: list[int]):
+        from edgeq.benchmarks.localpool import Postgres, PrefectServer
+
+        self.pg = Postgres().start()
+        self.server = PrefectServer(work / "prefect", database_url=self.pg.url, results=work / "results",
+                                    worker_env=SINGLE_THREAD_ENV).start()
+        s = self.server
+        s.cli("work-pool", "create", POOL, "--type", "process")
+        for q in ("solo", "pair"):
+            s.cli("work-queue", "create", q, "--pool", POOL)
+        deploy_dir = work / "deploy"  # no prefect.yaml here: the deployment is this command's alone
+        deploy_dir.mkdir()
+        s.cli("deploy", "edgeq.flows.fanout:fanout", "--name", "scaling", "--pool", POOL, cwd=deploy_dir)
+        s.worker("worker-a", POOL, queues=["solo", "pair"], limit=1, cpu=cpus[0])
+        s.worker("worker-b", POOL, queues=["pair"], limit=1, cpu=cpus[1])
+        s.wait_for_workers(POOL, ["worker-a", "worker-b"])
+        self.pinning = {w: cpus_of(s.procs[w].pid) for w in ("worker-a", "worker-b")}
+        from prefect.client.orchestration import SyncPrefectClient
+
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+        with SyncPrefectClient(s.api) as c:
+            (dep,) = c.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["scaling"])))
+        self.deployment = dep.id
+
+    def measure(self, configs: list[str], version: str, workers: int) -> float:
+        from prefect.client.orchestration import SyncPrefectClient
+
+        from edgeq.flows.fanout import FanoutParams
+
+        queue = "solo" if workers == 1 else "pair"
+        with SyncPrefectClient(self.server.api) as c:
+            t0 = time.time()
+            ids = [c.create_flow_run_from_deployment(
+                self.deployment, work_queue_name=queue,
+                parameters={"params": FanoutParams(configs=[cfg], stage="quantize", calibration=version,
+                                                   runner="thread").model_dump()}).id for cfg in configs]
+            runs = {}
+            while len(runs) < len(ids):
+                time.sleep(0.5)
+                for rid in ids:
+                    run = c.read_flow_run(rid)
+                    if run.state.is_final():
+                        runs[rid] = run
+            bad = [f"{r.name}: {r.state.name} {r.state.message}" for r in runs.values() if not r.state.is_completed()]
+            if bad:
+                raise SystemExit(f"workpool: runs failed: {bad}\n{self.server.tail('worker-a')}")
+            _all_computed(c, ids, TASKS_PER_MODEL * len(ids))
+            return max(r.end_time.timestamp() for r in runs.values()) - t0
+
+    def close(self) -> None:
+        self.server.close()
+        self.pg.close()
+
+
+class DaskPath:
+    name = "dask"
+
+    def __init__(self, api: str, cpus: list[int]):
+        from distributed import Client, LocalCluster
+
+        self.api = api
+        self.clusters, self.pinning = {}, {}
+        for w in (1, 2):
+            # Loopback only, no dashboard: a local cluster serves nobody else.
+            cluster = LocalCluster(n_workers=w, processes=True, threads_per_worker=1, host="127.0.0.1",
+                                   dashboard_address=None, env=SINGLE_THREAD_ENV)
+            with Client(cluster) as client:
+                for i, addr in enumerate(sorted(client.scheduler_info()["workers"])):
+                    self.pinning[f"{w}-worker cluster, worker {i}"] = client.run(pin_this_process, cpus[i],
+                                                                                workers=[addr])[addr]
+            self.clusters[w] = cluster
+
+    def measure(self, configs: list[str], version: str, workers: int) -> float:
+        from prefect.client.orchestration import SyncPrefectClient
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        from edgeq.flows.fanout import FanoutParams, run_fanout
+
+        with temporary_settings({PREFECT_API_URL: self.api}):
+            t0 = time.perf_counter()
+            state = run_fanout(FanoutParams(configs=configs, stage="quantize", calibration=version, runner="dask",
+                                            address=self.clusters[workers].scheduler_address), return_state=True)
+            dt = time.perf_counter() - t0
+            if not state.is_completed():
+                raise SystemExit(f"dask: fan-out failed: {state.message}")
+            with SyncPrefectClient(self.api) as c:
+                _all_computed(c, [state.state_details.flow_run_id], TASKS_PER_MODEL * len(configs))
+        return dt
+
+    def close(self) -> None:
+        for cluster in self.clusters.values():
+            cluster.close()
+
+
+def _all_computed(client, flow_run_ids: list, expected: int) -> None:
+    """Every task of these flow runs computed (no cache hit: the numbers would measure nothing)."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
-            any_=[state.state_details.flow_run_id])))
-    cached = [r.name for r in runs if r.state and r.state.name != "Completed"]
-    if cached or len(runs) != n * 5:  # export + 3 compile checks + quantize per model, all computed
-        raise SystemExit(f"fan-out {label}: expected {n * 5} computed task runs, got {len(runs)} ({cached})")
-    return dt
+    runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(flow_run_ids))))
+    states = [r.state.name for r in runs if r.state]
+    if len(states) != expected or set(states) != {"Completed"}:
+        raise SystemExit(f"expected {expected} task runs, all computed; got {sorted(states)}")
 
 
-def run(root: Path, sizes: list[int], workers: list[int]) -> dict[tuple[int, int], float]:
-    from distributed import LocalCluster
-
+# ---------------------------------------------------------------- the run and the report
+def run(root: Path, sizes: list[int], rounds: int, paths: list[str]) -> tuple[dict, dict]:
     from edgeq.demo import ensure_demo
 
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit(f"needs 2 CPUs to pin 2 workers to, this process may use {cpus}")
     root = ensure_demo(root)
     work = Path(tempfile.mkdtemp(prefix="edgeq-scaling-"))
-    times: dict[tuple[int, int], float] = {}
+    times: dict[tuple[str, int, int], list[float]] = {}
+    info: dict[str, Any] = {}
+    opened = []
     try:
-        seed, version = _seed_store(root, work)
-        for w in workers:
-            with LocalCluster(n_workers=w, processes=True, threads_per_worker=1, host="127.0.0.1",
-                              dashboard_address=None) as cluster:  # loopback only
-                _measure(root, work, seed, version, 1, cluster.scheduler_address, f"warmup-{w}")  # imports, JIT
-                for n in sizes:
-                    times[(n, w)] = _measure(root, work, seed, version, n, cluster.scheduler_address, f"{n}x{w}")
-                    print(f"  {n} conversion(s) on {w} worker(s): {times[(n, w)]:.1f} s", flush=True)
+        models = Models(root, work)
+        pool = WorkPoolPath(work, cpus)  # the server both paths report to
+        opened.append(pool)
+        info["workpool pinning"] = pool.pinning
+        runners: dict[str, Any] = {}
+        if "workpool" in paths:
+            runners["workpool"] = pool
+        if "dask" in paths:
+            runners["dask"] = DaskPath(pool.server.api, cpus)
+            opened.append(runners["dask"])
+            info["dask pinning"] = runners["dask"].pinning
+        print(f"pinning: {info}", flush=True)
+        for name, r in runners.items():  # untimed: imports, first compiles, the disk cache
+            r.measure(models.fresh(2, f"warmup-{name}"), models.version, 2)
+        for rnd in range(rounds):
+            for n in sizes:
+                for name, r in runners.items():
+                    for w in (1, 2):
+                        dt = r.measure(models.fresh(n, f"{name}-{n}x{w}-r{rnd}"), models.version, w)
+                        times.setdefault((name, n, w), []).append(dt)
+                        print(f"  round {rnd + 1}: {name:8} {n} conversion(s) on {w} worker(s): {dt:6.1f} s",
+                              flush=True)
     finally:
+        for o in reversed(opened):
+            o.close()
         shutil.rmtree(work, ignore_errors=True)
-    return times
+    return times, info
 
 
-def report(times: dict[tuple[int, int], float], sizes: list[int], workers: list[int]) -> str:
-    base_w = workers[0]
-    lines = [f"conversions (export + compile check x3 targets + INT8 PTQ), {os.cpu_count()} CPU(s)",
-             "| N | " + " | ".join(f"{w} worker(s) s" for w in workers) + " | "
-             + " | ".join(f"speed-up {w} vs {base_w}" for w in workers[1:]) + " | s per conversion (best) |",
-             "|---|" + "---|" * (2 * len(workers))]
-    for n in sizes:
-        row = [f"{times[(n, w)]:.1f}" for w in workers]
-        ratios = [f"{times[(n, base_w)] / times[(n, w)]:.2f}x" for w in workers[1:]]
-        best = min(times[(n, w)] for w in workers) / n
-        lines.append(f"| {n} | " + " | ".join(row + ratios) + f" | {best:.1f} |")
+def report(times: dict[tuple[str, int, int], list[float]], sizes: list[int], paths: list[str]) -> str:
+    def cell(v: list[float]) -> str:
+        return f"{statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f})"
+
+    rounds = max(len(v) for v in times.values())
+    lines = [f"ResNet-18 3x{SIZE}x{SIZE} conversions (export + compile check x3 + INT8 PTQ), each worker on 1 CPU "
+             f"with 1 thread; seconds, median (min-max) of {rounds} round(s)",
+             "| path | N | 1 worker | 2 workers | speed-up (medians) | s per conversion, 2 workers |",
+             "|---|---|---|---|---|---|"]
+    for p in paths:
+        for n in sizes:
+            one, two = times[(p, n, 1)], times[(p, n, 2)]
+            lines.append(f"| {p} | {n} | {cell(one)} | {cell(two)} | "
+                         f"{statistics.median(one) / statistics.median(two):.2f}x | {statistics.median(two) / n:.1f} |")
     return "\n".join(lines)
 
 
@@ -145,20 +342,15 @@ def main(argv: list[str] | None = None) -> None:
     quiet_environment()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, default=Path(".edgeq/demo"), help="demo build folder (built if missing)")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4], choices=[1, 2, 3, 4])
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--paths", nargs="+", default=["workpool", "dask"], choices=["workpool", "dask"])
     args = ap.parse_args(argv)
     import logging
 
     logging.getLogger("prefect").setLevel(logging.WARNING)
-    if os.environ.get("PREFECT_API_URL"):
-        times = run(args.root, args.sizes, args.workers)
-    else:
-        from prefect.testing.utilities import prefect_test_harness
-
-        with prefect_test_harness(server_startup_timeout=120):
-            times = run(args.root, args.sizes, args.workers)
-    print(report(times, args.sizes, args.workers))
+    times, _ = run(args.root, args.sizes, args.rounds, args.paths)
+    print(report(times, args.sizes, args.paths))
 
 
 if __name__ == "__main__":

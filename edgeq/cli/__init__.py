@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import typer
 
-from edgeq.cli import calibration, check, pipeline
+from edgeq.cli import calibration, check, common, pipeline
 
 app = typer.Typer(help="PyTorch model -> verified INT8 edge model, as a Prefect DAG of cached, gated tasks.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v",
+                                      help="also show Prefect's traceback when a gate or a config refuses the run")):
+    """PyTorch model -> verified INT8 edge model, as a Prefect DAG of cached, gated tasks."""
+    common.VERBOSE = verbose
+
+
 app.command("export")(pipeline.export)
 app.command("check")(check.check)
 app.command("calibrate")(calibration.calibrate)

@@ -11,8 +11,10 @@ from rich.table import Table
 from edgeq.cli.common import console, fail, run_flow
 from edgeq.core.errors import EdgeqError
 
-_CONFIG = typer.Option(Path("digits-demo.yaml"), "--config", "-c", help="edgeq YAML config (names the store)")
-_STORE = typer.Option(None, "--store", help="artifact store folder or URL (instead of --config)")
+DEFAULT_CONFIG = Path("digits-demo.yaml")
+_CONFIG = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="edgeq YAML config (its `store` names the store)")
+_STORE = typer.Option(None, "--store", envvar="EDGEQ_STORE",
+                      help="artifact store folder or fsspec URL, instead of --config")
 
 
 def _store(config: Path, store: str | None):
@@ -21,10 +23,14 @@ def _store(config: Path, store: str | None):
 
     if store:
         return ArtifactStore(store)
+    if config == DEFAULT_CONFIG and not config.is_file():
+        # Outside the repository there is no demo config to read the store from: say how to name one.
+        fail(f"which artifact store? There is no {config} in {Path.cwd()}: pass --store PATH|URL, set "
+             f"EDGEQ_STORE=PATH|URL, or --config CONFIG (the config's `store`)")
     try:
         return ArtifactStore(load_config(config).store_url)
     except EdgeqError as exc:
-        fail(f"{exc} (pass --config CONFIG or --store PATH)")
+        fail(f"{exc} (pass --config CONFIG, or --store PATH|URL / EDGEQ_STORE)")
 
 
 def _print_version(v) -> None:

@@ -9,7 +9,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from edgeq.cli.common import console, fail
+from edgeq.cli.common import console, fail, quiet_expected_errors
 from edgeq.core.errors import CompileCheckFailed, EdgeqError
 
 _STATUS_STYLE = {"compiled": "green", "declared-ok": "cyan", "failed": "bold red", "unavailable": "yellow"}
@@ -65,6 +65,7 @@ def check(
     """Export (cached) and compile-check every target; exit 1 when a required target fails."""
     from edgeq.flows.compile_check import CompileCheckParams, compile_check
 
+    quiet_expected_errors()
     state = compile_check(CompileCheckParams(config=str(config), warmup=warmup, iters=iters), return_state=True)
     if state.is_completed():
         print_matrix(state.result())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from edgeq.core.quiet import quiet_environment
 
 quiet_environment()
@@ -12,8 +14,23 @@ from rich.console import Console  # noqa: E402
 
 from edgeq.core.errors import EdgeqError  # noqa: E402
 
-console = Console()
-err_console = Console(stderr=True)
+# Piped or captured output has no terminal width, and rich would wrap tables at 80 columns ("compile\ns"): in a
+# log or a file a wide line reads better than a broken one. COLUMNS, when set, still decides.
+PIPED_WIDTH = 200
+
+
+def make_console(stderr: bool = False) -> Console:
+    console = Console(stderr=stderr)
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        console = Console(stderr=stderr, width=PIPED_WIDTH)
+    return console
+
+
+console = make_console()
+err_console = make_console(stderr=True)
+
+# `edgeq --verbose COMMAND`: Prefect's own report of an expected error, traceback included, is shown too.
+VERBOSE = False
 
 
 def fail(msg: str, code: int = 1) -> None:
@@ -21,11 +38,24 @@ def fail(msg: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def quiet_expected_errors() -> None:
+    """Before a flow runs: an EdgeqError (a gate, a bad config, an export the model cannot do) is reported once, by
+    `fail`, instead of also by Prefect with its traceback. Other exceptions keep theirs; --verbose keeps all."""
+    if VERBOSE:
+        return
+    import prefect  # noqa: F401 - its logging setup creates the console handler that gets the filter
+
+    from edgeq.core.quiet import hide_expected_errors
+
+    hide_expected_errors((EdgeqError,))
+
+
 def run_flow(fn, *args, explain=None, **kwargs):
     """Run a flow; a user-facing error prints cleanly and exits non-zero.
 
     `explain(exc)` may turn a non-edgeq failure into `(message, exit code)` (e.g. a review that timed out).
     """
+    quiet_expected_errors()
     state = fn(*args, return_state=True, **kwargs)
     if not state.is_completed():
         try:

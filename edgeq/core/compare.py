@@ -5,15 +5,21 @@ Every gate that holds one run against another (PyTorch vs ONNX at export, the dy
 export check, the four-way validation gates) goes through :func:`compare_outputs`, so they agree on what
 "max abs diff", "worst sample" and "top-1 agreement" mean::
 
-    records = compare_outputs({"logits": torch_out}, {"logits": onnx_out},
-                              Tolerance.in_steps(3, range_step(onnx_out), min_top1=0.99),
+    records = compare_outputs({"logits": int8_out}, {"logits": device_out},
+                              step_tolerance(3, output_step(int8_model, "logits").step, floor=1e-3, min_top1=0.99),
                               labels=("ONNX INT8", "device INT8"))
-    records[0].passed, records[0].max_abs_diff, records[0].worst_sample, records[0].top1_agreement
+    records[0].passed, records[0].max_abs_diff, records[0].worst_sample, records[0].confident_top1_agreement
 
 Shapes are checked first and non-finite values are refused: neither gives a number worth holding against a
 tolerance, so such an output fails with ``error`` saying why. Where a tolerance is counted in quantization
-steps, the caller gives the step: which outputs define it (the reference's, the INT8 model's, a quantizer's
-scale) is the gate's decision, not the comparator's.
+steps, the caller gives the step: which step (an output's quantization scale read from the graph) is the
+gate's decision, not the comparator's.
+
+Two clauses, each able to fail alone: the max abs difference within the tolerance, and top-1 agreement on the
+*confident* samples, those whose reference top-1 margin (best minus runner-up) exceeds the tolerance. A
+difference within the tolerance can still flip such a sample (each of the two values moving by more than
+half the tolerance), which is a real disagreement; a sample whose margin is within the tolerance is a near
+tie an allowed difference can flip, reported as ``near_ties`` and not counted.
 """
 
 from __future__ import annotations
@@ -33,26 +39,23 @@ _REL_EPS = 1e-6
 class Tolerance:
     """How far a candidate output may be from the reference.
 
-    atol: absolute, in output units. steps + step: ``steps`` quantization steps of size ``step`` (overrides
-    atol). min_top1: top-1 agreement floor (checked where top-1 is meaningful). near_tie: a top-1
-    disagreement on a sample whose reference top-1 margin is within ``near_tie`` x the tolerance is a near
-    tie an allowed difference can flip; it is counted and excused from the floor.
+    atol: absolute, in output units. steps + step: ``steps`` quantization steps of size ``step``, never less
+    than atol (the floor). min_top1: top-1 agreement floor on the confident samples (reference top-1 margin
+    above the limit), checked where top-1 is meaningful.
     """
 
     atol: float = 0.0
     steps: float | None = None
     step: float | None = None
     min_top1: float | None = None
-    near_tie: float | None = None
 
     @classmethod
-    def absolute(cls, atol: float, *, min_top1: float | None = None, near_tie: float | None = None) -> Tolerance:
-        return cls(atol=atol, min_top1=min_top1, near_tie=near_tie)
+    def absolute(cls, atol: float, *, min_top1: float | None = None) -> Tolerance:
+        return cls(atol=atol, min_top1=min_top1)
 
     @classmethod
-    def in_steps(cls, steps: float, step: float, *, min_top1: float | None = None,
-                 near_tie: float | None = None) -> Tolerance:
-        return cls(steps=steps, step=step, min_top1=min_top1, near_tie=near_tie)
+    def in_steps(cls, steps: float, step: float, *, floor: float = 0.0, min_top1: float | None = None) -> Tolerance:
+        return cls(atol=floor, steps=steps, step=step, min_top1=min_top1)
 
     @classmethod
     def measure_only(cls) -> Tolerance:
@@ -64,12 +67,23 @@ class Tolerance:
         if self.steps is not None:
             if self.step is None:
                 raise ValueError("a tolerance in quantization steps needs the step size")
-            return self.steps * self.step
+            return max(self.steps * self.step, self.atol)
         return self.atol
 
 
+def step_tolerance(steps: float, step: float | None, floor: float, *, min_top1: float | None = None) -> Tolerance:
+    """``steps`` quantization steps of ``step`` (at least ``floor``); ``floor`` alone where there is no step."""
+    if step is None:
+        return Tolerance.absolute(floor, min_top1=min_top1)
+    return Tolerance.in_steps(steps, step, floor=floor, min_top1=min_top1)
+
+
 def range_step(values: np.ndarray, levels: int = 255) -> float:
-    """One step of an 8-bit quantizer spanning the observed range of `values`: (max - min) / 255."""
+    """One step of an 8-bit quantizer spanning the observed range of `values`: (max - min) / 255.
+
+    A description of data, not a tolerance: a tolerance taken from the values it checks widens with every
+    outlier in them. Gates read the step from the quantized graph instead (``edgeq.core.onnx_graph.output_step``).
+    """
     return float(values.max() - values.min()) / levels
 
 
@@ -87,9 +101,12 @@ class OutputComparison(BaseModel):
     tolerance: float
     step: float | None = None  # when the tolerance is in quantization steps
     steps: float | None = None  # max_abs_diff in those steps
-    top1_agreement: float | None = None  # None where top-1 is not meaningful (one value per sample)
-    near_ties: int = 0  # excused top-1 disagreements
-    top1_agreement_excusing_ties: float | None = None
+    within_tolerance: bool | None = None  # the max-abs clause (None: not compared)
+    top1_agreement: float | None = None  # on every sample; None where top-1 is not meaningful (one value per sample)
+    confident_samples: int | None = None  # samples whose reference top-1 margin exceeds the tolerance
+    confident_top1_agreement: float | None = None  # top-1 agreement on those (None: no confident sample)
+    near_ties: int = 0  # top-1 disagreements on the other samples: reported, not counted
+    agreement_ok: bool | None = None  # the agreement clause (None: no floor asked, or top-1 not meaningful)
     error: str = ""  # why the values were not compared (shapes differ, non-finite values); passed is then False
 
 
@@ -115,7 +132,7 @@ def compare_output(name: str, reference: np.ndarray, candidate: np.ndarray, tole
     ref, got = np.asarray(reference), np.asarray(candidate)
     base = dict(output=name, reference_shape=list(ref.shape), candidate_shape=list(got.shape),
                 tolerance=tolerance.limit, step=tolerance.step if tolerance.steps is not None else None)
-    if ref.shape != got.shape:
+    if ref.shape != got.shape:  # never broadcast: (1, 10) against (297, 10) would compare one sample 297 times
         return OutputComparison(**base, passed=False,
                                 error=f"output {name!r}: {labels[0]} shape {ref.shape} != {labels[1]} shape {got.shape}")
     ref2 = _per_sample(ref).astype(np.float64)
@@ -133,22 +150,26 @@ def compare_output(name: str, reference: np.ndarray, candidate: np.ndarray, tole
     rec = OutputComparison(**base, passed=False, samples=n, max_abs_diff=mad, max_rel_diff=rel, worst_sample=worst)
     if base["step"]:
         rec.steps = mad / base["step"]
-    if top1 or (top1 is None and ref.ndim >= 1 and ref2.shape[1] > 1):
-        if ref2.shape[1]:
-            agree = ref2.argmax(axis=1) == got2.argmax(axis=1)
-            rec.top1_agreement = float(agree.mean()) if n else 1.0
-            effective = rec.top1_agreement
-            if tolerance.near_tie is not None and n:
-                top2 = np.sort(ref2, axis=1)[:, -2:] if ref2.shape[1] > 1 else np.concatenate([ref2, ref2], 1)
-                tie = (top2[:, 1] - top2[:, 0]) <= tolerance.near_tie * tolerance.limit
-                rec.near_ties = int((~agree & tie).sum())
-                effective = float((agree | tie).mean())
-                rec.top1_agreement_excusing_ties = effective
     rec.error = _non_finite(ref, labels[0], name) or _non_finite(got, labels[1], name)
-    floor_ok = tolerance.min_top1 is None or rec.top1_agreement is None or (
-        (rec.top1_agreement_excusing_ties if rec.top1_agreement_excusing_ties is not None else rec.top1_agreement)
-        >= tolerance.min_top1)
-    rec.passed = not rec.error and mad <= tolerance.limit and floor_ok
+    if rec.error:
+        return rec
+    rec.within_tolerance = mad <= tolerance.limit
+    if (top1 or (top1 is None and ref.ndim >= 1 and ref2.shape[1] > 1)) and ref2.shape[1]:
+        agree = ref2.argmax(axis=1) == got2.argmax(axis=1)
+        rec.top1_agreement = float(agree.mean()) if n else 1.0
+        if ref2.shape[1] > 1:
+            top2 = np.sort(ref2, axis=1)[:, -2:]
+            confident = (top2[:, 1] - top2[:, 0]) > tolerance.limit
+        else:  # one value per sample: nothing can flip
+            confident = np.ones(n, dtype=bool)
+        rec.confident_samples = int(confident.sum())
+        rec.near_ties = int((~agree & ~confident).sum())
+        if rec.confident_samples:
+            rec.confident_top1_agreement = float(agree[confident].mean())
+        if tolerance.min_top1 is not None:
+            agreement = rec.confident_top1_agreement
+            rec.agreement_ok = agreement is None or agreement >= tolerance.min_top1
+    rec.passed = bool(rec.within_tolerance) and rec.agreement_ok is not False
     return rec
 
 

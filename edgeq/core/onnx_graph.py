@@ -1,4 +1,5 @@
-"""ONNX graph helpers every layer shares (onnx and numpy only, no runtime): load, walk, describe, feed."""
+"""ONNX graph helpers every layer shares (onnx and numpy only, no runtime): load, walk, describe, feed, and read a
+QDQ graph's output quantization step."""
 
 from __future__ import annotations
 
@@ -153,3 +154,162 @@ def make_feeds(inputs: list[TensorMeta], dims: dict[str, int] | None = None, sam
 def sample_feeds(inputs: list[TensorMeta], seed: int = 0) -> dict[str, np.ndarray]:
     """Random feeds of the given static shapes (dynamic dims as 1): for smoke runs and benchmarks."""
     return make_feeds(inputs, seed=seed)
+
+
+# ---------------------------------------------------------------- output quantization step
+# Ops that never widen a difference between two runs, in max-abs terms: moving or picking data, averaging,
+# elementwise functions with slope <= 1. A step read upstream of them still bounds what a rounding step can do.
+_NON_EXPANDING = frozenset({
+    "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Dropout", "Slice",
+    "Relu", "Clip", "MaxPool", "GlobalMaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", "ReduceMax",
+    "ReduceMin", "Softmax", "Sigmoid", "Tanh",
+})
+_LINEAR_OPS = frozenset({"Gemm", "MatMul", "Conv"})
+
+
+class OutputStep(BaseModel):
+    """One quantization step of a graph output, read from the graph (never from the outputs it will judge).
+
+    `step` None: the graph gives none (the output is computed in float from unquantized weights, or by an op
+    that can widen a difference); `source` says what was read, or why nothing could be.
+    """
+
+    output: str
+    step: float | None
+    source: str
+
+
+class _QDQGraph:
+    """Producers and constant values of one graph, for reading quantization scales and weights."""
+
+    def __init__(self, model):
+        graph = model.graph
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.inits = {i.name: i for i in graph.initializer}
+        self.opsets = {(o.domain or ""): int(o.version) for o in model.opset_import}
+        # Tensors computed from constants alone (ONNX keeps nodes in topological order).
+        self.constants = set(self.inits)
+        for node in graph.node:
+            if node.domain in STANDARD_DOMAINS and all(not i or i in self.constants for i in node.input):
+                self.constants.update(node.output)
+        self._values: dict[str, np.ndarray | None] = {}
+
+    def value(self, name: str) -> np.ndarray | None:
+        """The value of a constant tensor (an initializer, a Constant node, an op on constants), else None."""
+        if name not in self.constants:
+            return None
+        if name not in self._values:
+            from onnx import numpy_helper
+            from onnx.reference import ReferenceEvaluator
+
+            if name in self.inits:
+                self._values[name] = numpy_helper.to_array(self.inits[name])
+            else:
+                node = self.producer[name]
+                feeds = {i: self.value(i) for i in node.input if i}
+                try:
+                    outs = ReferenceEvaluator(node, opsets=self.opsets).run(None, feeds)
+                    self._values[name] = np.asarray(outs[list(node.output).index(name)])
+                except Exception:  # noqa: BLE001 - an op the reference cannot evaluate is simply not known
+                    self._values[name] = None
+        return self._values[name]
+
+    def upstream(self, name: str) -> tuple[Any, list[str]]:
+        """From `name` up through ops that cannot widen a difference: the first other node, and the ops passed."""
+        passed: list[str] = []
+        node = self.producer.get(name)
+        while node is not None and node.domain in STANDARD_DOMAINS:
+            if node.op_type in _NON_EXPANDING:
+                data = node.input[0]
+            elif node.op_type in ("Add", "Sub") and len(node.input) == 2 and \
+                    sum(i in self.constants for i in node.input) == 1:
+                data = next(i for i in node.input if i not in self.constants)  # a constant bias shifts both runs alike
+            else:
+                break
+            passed.append(node.op_type)
+            node = self.producer.get(data)
+        return node, passed
+
+    def dq_scale(self, node) -> float | None:
+        """The (largest) scale of a DequantizeLinear node whose scale is constant."""
+        if node is None or node.op_type != "DequantizeLinear" or len(node.input) < 2:
+            return None
+        scale = self.value(node.input[1])
+        return None if scale is None or scale.size == 0 else float(np.abs(scale).max())
+
+    def int8_weights(self, name: str) -> np.ndarray | None:
+        """The dequantized weights behind `name` when a DequantizeLinear of constants produces them."""
+        node, _ = self.upstream(name)
+        if node is None or node.op_type != "DequantizeLinear":
+            return None
+        return self.value(node.output[0])
+
+    def linear_step(self, node) -> tuple[float | None, str]:
+        """A float Gemm/MatMul/Conv on a quantized activation and INT8 weights: the output's move when every
+        quantized input is one step off, the activation's scale x the largest sum of |weight| over one output."""
+        if len(node.input) < 2:
+            return None, ""
+        attrs = {a.name: _attribute(a) for a in node.attribute}
+        a, b = node.input[0], node.input[1]
+        wa, wb = self.int8_weights(a), self.int8_weights(b)
+        if wb is not None and wa is None:
+            act, w = a, wb
+            if node.op_type == "Conv":
+                axes = tuple(range(1, w.ndim))  # (out channels, in channels / groups, kernel...)
+            elif node.op_type == "Gemm":
+                axes = (1,) if attrs.get("transB", 0) else (0,)
+            else:
+                axes = (w.ndim - 2,) if w.ndim >= 2 else (0,)
+        elif wa is not None and wb is None and node.op_type in ("Gemm", "MatMul"):
+            act, w = b, wa
+            axes = ((0,) if attrs.get("transA", 0) else (1,)) if node.op_type == "Gemm" else (w.ndim - 1,)
+        else:
+            return None, ""
+        src, passed = self.upstream(act)
+        scale = self.dq_scale(src)
+        if scale is None:
+            return None, ""
+        alpha = abs(float(attrs.get("alpha", 1.0))) if node.op_type == "Gemm" else 1.0
+        l1 = float(np.abs(w.astype(np.float64)).sum(axis=axes).max()) * alpha
+        via = f" through {', '.join(reversed(passed))}" if passed else ""
+        return scale * l1, (f"{node.op_type} {node_label(node)!r} computes the output in float from INT8 weights: "
+                            f"input step {scale:.4g} (scale of DequantizeLinear {node_label(src)!r}{via}) x the "
+                            f"largest sum of |weights| over one output ({l1:.4g}), i.e. every quantized input one "
+                            "step off")
+
+
+def _attribute(attr):
+    import onnx
+
+    return onnx.helper.get_attribute_value(attr)
+
+
+def output_step(model, output: str) -> OutputStep:
+    """One quantization step of graph output `output` in a QDQ model, from the graph alone.
+
+    - The output comes from a DequantizeLinear, directly or through ops that cannot widen a difference (Reshape,
+      Relu, Softmax, a constant bias, ...): that DequantizeLinear's scale (the largest one, when per channel).
+    - It comes from a Gemm/MatMul/Conv run in float on a quantized activation and INT8 weights (a QAT export
+      quantizes the head's inputs, not its output): the activation's scale x the largest sum of |weights| over
+      one output, how far an output moves when every quantized input is one step off. The accumulator's own
+      step (activation scale x weight scale) is no tolerance unit: one rounding step of a single input already
+      moves the output by up to 127 of those (the largest INT8 weight).
+    - Otherwise no step (`step` None), and the reason.
+    """
+    g = _QDQGraph(model)
+    if output not in g.producer:
+        return OutputStep(output=output, step=None, source=f"output {output!r} is not produced by any node")
+    node, passed = g.upstream(output)
+    via = f" (through {', '.join(reversed(passed))})" if passed else ""
+    scale = g.dq_scale(node)
+    if scale is not None:
+        return OutputStep(output=output, step=scale,
+                          source=f"scale of the output's DequantizeLinear {node_label(node)!r}{via}")
+    if node is not None and node.op_type in _LINEAR_OPS and node.domain in STANDARD_DOMAINS:
+        step, why = g.linear_step(node)
+        if step is not None:
+            return OutputStep(output=output, step=step, source=why + via)
+    what = f"{node.op_type} {node_label(node)!r}" if node is not None else "no node (a graph input or constant)"
+    return OutputStep(output=output, step=None,
+                      source=f"no quantization step in the graph for output {output!r}: it is computed in float by "
+                             f"{what}{via} after the last quantized tensor")

@@ -2,8 +2,10 @@
 
 The ladder is data: each rung is a function of the `Escalation` context that adds attempts, `build_ladder` orders
 the rungs the policy allows (QAT first where the policy starts with it), and the climb stops at the first rung that
-meets the SLA. Every attempt is recorded with its validation metric, latency per target and settings;
-`choose_attempt` picks the best one meeting the SLA. The held-out test split is never used here.
+produced an eligible attempt: one that meets the SLA and that every required target can compile and run (the INT8
+graph is what ships, not its FP32 parent). Every attempt is recorded with its validation metric, latency per target,
+settings and the required targets that refused it; `choose_attempt` picks the best eligible one. The held-out test
+split is never used here.
 """
 
 from __future__ import annotations
@@ -56,8 +58,14 @@ class Attempt(BaseModel):
     meets_sla: bool = False
     seconds: float = 0.0
     latency: list[Latency] = Field(default_factory=list)
+    failed_targets: dict[str, str] = Field(default_factory=dict)  # required target -> why it cannot take this model
     error: str = ""
     onnx_path: str | None = Field(None, exclude=True)
+
+    @property
+    def eligible(self) -> bool:
+        """Meets the SLA and every required target takes it (a failure on one is in `error`)."""
+        return self.meets_sla and not self.error
 
 
 class QuantizationReport(BaseModel):
@@ -114,6 +122,29 @@ def measure_latency(path: Path, targets: list[TargetSpec], sample: np.ndarray, i
     return out
 
 
+def required_target_failures(path: Path, targets: list[TargetSpec], latency: list[Latency]) -> dict[str, str]:
+    """Why each required target cannot take the INT8 model at `path` (empty: every required target can).
+
+    A target timed in `latency` has already compiled and run this model, so a failure there is the reason; the
+    others (a declared profile, a runtime that is not timed) get the compile check (a static check for a
+    declared target).
+    """
+    timed = {lat.target: lat for lat in latency}
+    failures: dict[str, str] = {}
+    for t in targets:
+        if not t.required:
+            continue
+        lat = timed.get(t.name)
+        if lat is not None:
+            if lat.error:
+                failures[t.name] = f"failed to run it: {lat.error}"
+            continue
+        report = get_backend(t.backend).check_compiles(path, t, run_benchmark=False)
+        if not report.ok:
+            failures[t.name] = f"{report.status}: {report.reason}"
+    return failures
+
+
 Rung = Callable[["Escalation"], list[Attempt]]
 
 
@@ -153,15 +184,18 @@ class Escalation:
 
     @property
     def met_sla(self) -> bool:
-        return any(a.meets_sla for a in self.attempts)
+        """An attempt can ship: it meets the SLA and every required target takes it."""
+        return any(a.eligible for a in self.attempts)
 
 
 def evaluate(ctx: Escalation, kind: str, label: str, settings: dict[str, Any],
              build: Callable[[Path], dict[str, Any] | None]) -> Attempt:
-    """Build one attempt, score it on the validation data, time it on every target, and record it.
+    """Build one attempt, score it on the validation data, time it on every target, check it on every required
+    target, and record it.
 
     `build(path)` writes the INT8 model to `path` and may return settings learned while building. A failure is the
-    attempt's error, not the run's; a `SpecError` (the config itself is wrong) stops the run.
+    attempt's error, not the run's (a required target that cannot compile or run the model included: the attempt
+    is then not eligible); a `SpecError` (the config itself is wrong) stops the run.
     """
     a = Attempt(index=len(ctx.attempts), kind=kind, label=label, settings=settings)
     path = ctx.work / f"attempt{a.index}.onnx"
@@ -178,6 +212,10 @@ def evaluate(ctx: Escalation, kind: str, label: str, settings: dict[str, Any],
         for lat in a.latency:
             base = ctx.fp32_latency.get(lat.target)
             lat.fp32_ms = base.int8_ms if base else None  # the baseline run measured the FP32 model
+        a.failed_targets = required_target_failures(path, ctx.cfg.targets, a.latency)
+        if a.failed_targets:
+            a.error = "; ".join(f"required target {t!r} cannot take this INT8 model: {why}"
+                                for t, why in a.failed_targets.items())[:800]
     except SpecError:
         raise
     except Exception as exc:  # noqa: BLE001 - a failed attempt is a row in the table
@@ -278,9 +316,9 @@ def climb(ctx: Escalation, ladder: list[Rung]) -> None:
 
 # ---------------------------------------------------------------- the choice
 def choose_attempt(attempts: list[Attempt], deploy_target: str) -> Attempt | None:
-    """The most accurate attempt meeting the SLA (metric to 6 places), the fastest on `deploy_target` among equals;
-    None when no attempt meets it."""
-    passing = [a for a in attempts if a.meets_sla]
+    """The most accurate eligible attempt (meets the SLA, every required target takes it; metric to 6 places), the
+    fastest on `deploy_target` among equals; None when no attempt is eligible."""
+    passing = [a for a in attempts if a.eligible]
     if not passing:
         return None
 
@@ -364,8 +402,20 @@ def run_quantization(
             deploy_target=deploy.name, attempts=ctx.attempts, sensitivity=ctx.sensitivity)
         chosen = choose_attempt(ctx.attempts, deploy.name)
         if chosen is None:
-            raise GateError(f"no INT8 attempt met the SLA (drop <= {report.max_drop:g} of FP32 {spec.metric} "
-                            f"{fp32_metric:.4f} on validation data):\n" + format_attempts(report), report=report)
+            refused: dict[str, str] = {}
+            for a in ctx.attempts:
+                for target, why in a.failed_targets.items():
+                    refused.setdefault(target, why)
+            sla = f"drop <= {report.max_drop:g} of FP32 {spec.metric} {fp32_metric:.4f} on validation data"
+            if refused:
+                met = sum(a.meets_sla for a in ctx.attempts)
+                head = ("no INT8 attempt can ship: " + "; ".join(
+                    f"required target {t!r} cannot take the INT8 models ({_clip(why)})" for t, why in refused.items())
+                    + f"; {met} of {len(ctx.attempts)} attempt(s) met the SLA ({sla}). Change the target (its profile, "
+                      "runtime or `required`) or the model")
+            else:
+                head = f"no INT8 attempt met the SLA ({sla})"
+            raise GateError(head + ":\n" + format_attempts(report), report=report)
         report.chosen = chosen.index
         report.faster_than_fp32, report.speed_note = speed_verdict(chosen, deploy.name)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -373,6 +423,10 @@ def run_quantization(
     finally:
         shutil.rmtree(ctx.work, ignore_errors=True)
     return report
+
+
+def _clip(text: str, limit: int = 400) -> str:
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " …"
 
 
 def format_attempts(report: QuantizationReport) -> str:

@@ -47,8 +47,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgeq.core.compare import Tolerance, compare_output, range_step
+from edgeq.core.compare import compare_output, step_tolerance
 from edgeq.core.errors import ExportError, GateError, SpecError
+from edgeq.core.onnx_graph import load_onnx, output_step
 from edgeq.core.ort import ort_session
 from edgeq.core.platform import x86_without_vnni
 from edgeq.core.specs import Thresholds
@@ -72,10 +73,13 @@ class QATResult:
 @dataclass
 class ParityCheck:
     max_abs: float
-    top1_agreement: float
-    tolerance: float  # Thresholds.qat_parity_steps x the output's 8-bit step
-    output_step: float
-    near_ties: int  # disagreements on samples whose torch top-1 margin is within 2 x tolerance
+    top1_agreement: float  # on every check sample
+    tolerance: float  # Thresholds.qat_parity_steps x the output's quantization step, at least int8_atol_floor
+    output_step: float | None  # read from the exported graph; None: the graph gives none (the floor applies)
+    step_source: str  # what the step was read from
+    confident_samples: int  # samples whose PyTorch top-1 margin exceeds the tolerance
+    confident_top1_agreement: float | None  # the agreement clause, on those samples
+    near_ties: int  # disagreements on the other samples: reported, not counted
     samples: int
     worst_sample: int
 
@@ -253,18 +257,22 @@ def check_export_parity(onnx_path: Path, torch_model: torch.nn.Module | Callable
     The two cannot agree bit for bit: PyTorch fake-quantizes in float with NNCF's rounding,
     onnxruntime fuses Q/DQ into integer kernels (rounding half to even, int32 accumulation,
     requantization), so an activation may land one quantization step apart, and that step
-    propagates to the outputs. The tolerance is therefore expressed in output steps:
+    propagates to the outputs. The tolerance is therefore expressed in quantization steps of the
+    output, read from the exported graph (``edgeq.core.onnx_graph.output_step``), never from the
+    outputs it judges (one outlier would widen it for every sample):
 
-        output_step = (max - min of the PyTorch outputs on the check samples) / 255
-        tolerance   = qat_parity_steps (default 3) x output_step
+        tolerance = max(qat_parity_steps (default 3) x output step, int8_atol_floor)
 
-    i.e. the step an 8-bit quantizer over the observed output range would have, times three
-    ("a few steps"). On the demo the measured difference is 0.2-0.8 of one step; a wrong
-    export (a missing or misplaced quantizer, a wrong scale, a wrong layer) is off by many steps.
+    A QAT export quantizes the head's inputs, not its output, so the step is the head's input
+    scale x its largest sum of |INT8 weights| over one output: how far an output moves when every
+    quantized input is one step off. On the demo: step 0.11, tolerance 0.34, measured difference
+    0.03-0.05; a wrong export (a missing or misplaced quantizer, a wrong scale, a wrong layer) is
+    off by many steps. A graph that gives no step falls back to the floor alone.
 
-    Top-1 agreement must be >= qat_min_agreement (0.99). A disagreement on a sample whose PyTorch
-    top-1 margin is within qat_near_tie (2) x tolerance is a near tie that an allowed rounding
-    difference can flip; it is reported (``near_ties``) and does not count against the floor.
+    Top-1 agreement on the confident samples (PyTorch top-1 margin above the tolerance) must be
+    >= qat_min_agreement (0.99): a difference within the tolerance can still flip such a sample, and
+    that is a real disagreement. Flips of the other samples are near ties an allowed rounding
+    difference can cause; they are reported (``near_ties``), not counted.
     Raises ``GateError`` with the numbers otherwise. `thresholds` default: ``Thresholds()``.
     """
     th = thresholds or Thresholds()
@@ -279,21 +287,27 @@ def check_export_parity(onnx_path: Path, torch_model: torch.nn.Module | Callable
             refs.append(np.asarray(torch_model(torch.from_numpy(batch)).detach().float().numpy()))
             gots.append(np.asarray(session.run(None, {input_name: batch})[0], dtype=np.float32))
     ref, got = np.concatenate(refs), np.concatenate(gots)
-    # The step comes from the PyTorch outputs: the model being checked is the reference here.
-    step = range_step(ref) if ref.size else 0.0
-    tolerance = Tolerance.in_steps(th.qat_parity_steps, step, min_top1=th.qat_min_agreement, near_tie=th.qat_near_tie)
-    rec = compare_output(session.get_outputs()[0].name, ref, got, tolerance, labels=("PyTorch", "ONNX"), top1=True)
+    name = session.get_outputs()[0].name
+    step = output_step(load_onnx(onnx_path), name)
+    tolerance = step_tolerance(th.qat_parity_steps, step.step, th.int8_atol_floor, min_top1=th.qat_min_agreement)
+    rec = compare_output(name, ref, got, tolerance, labels=("PyTorch", "ONNX"), top1=True)
     if rec.max_abs_diff is None:  # shapes differ: no number to hold against the tolerance
         raise GateError(f"QAT export parity: {rec.error}")
     check = ParityCheck(max_abs=rec.max_abs_diff, top1_agreement=rec.top1_agreement, tolerance=rec.tolerance,
-                        output_step=step, near_ties=rec.near_ties, samples=rec.samples, worst_sample=rec.worst_sample)
+                        output_step=step.step, step_source=step.source, confident_samples=rec.confident_samples or 0,
+                        confident_top1_agreement=rec.confident_top1_agreement, near_ties=rec.near_ties,
+                        samples=rec.samples, worst_sample=rec.worst_sample)
     if not rec.passed:
+        of = (f"{th.qat_parity_steps:g} output steps of {step.step:.4g}, {step.source}" if step.step is not None
+              else f"thresholds.int8_atol_floor: {step.source}")
+        agree = "n/a" if rec.confident_top1_agreement is None else f"{rec.confident_top1_agreement:.4f}"
         raise GateError(
             f"QAT export parity failed: ONNX Runtime vs the QAT model in PyTorch on {rec.samples} check samples: "
             f"max abs diff {rec.max_abs_diff:.4g} (sample {rec.worst_sample}) vs tolerance {rec.tolerance:.4g} "
-            f"({th.qat_parity_steps:g} output steps of {step:.4g}); top-1 agreement {rec.top1_agreement:.4f} "
-            f"({rec.near_ties} near ties excused, required {th.qat_min_agreement}). The exported QDQ graph does not "
-            "compute what the fake-quantized model computes" + (f" ({rec.error})" if rec.error else "")
+            f"({of}); top-1 agreement {agree} on {rec.confident_samples or 0} confident samples (PyTorch top-1 "
+            f"margin > tolerance; required {th.qat_min_agreement}; {rec.near_ties} near-tie flip(s) not counted). "
+            "The exported QDQ graph does not compute what the fake-quantized model computes"
+            + (f" ({rec.error})" if rec.error else "")
         )
     return check
 
@@ -328,9 +342,10 @@ def qat_finetune(
     ``{"epoch", "loss", "train_top1", "seconds"}`` (train_top1 is measured on the training
     batches in train mode, as they were seen). The export is gated by
     :func:`check_export_parity` (ONNX Runtime vs the QAT model in PyTorch, tolerance
-    ``thresholds.qat_parity_steps`` output quantization steps, top-1 agreement >=
-    ``thresholds.qat_min_agreement``; default ``Thresholds()``: 3 steps, 0.99) on `check_samples`
-    (default: the first 32 training samples); a failure raises ``GateError`` and leaves nothing at `out_path`.
+    ``thresholds.qat_parity_steps`` quantization steps of the output read from the graph, top-1 agreement on
+    the confident samples >= ``thresholds.qat_min_agreement``; default ``Thresholds()``: 3 steps, 0.99) on
+    `check_samples` (default: the first 32 training samples); a failure raises ``GateError`` and leaves nothing at
+    `out_path`.
     `reduce_range` halves every weight quantizer's range (NNCF's overflow fix), which x86 CPUs without VNNI
     need to run U8S8 without saturating; None decides from this machine's CPU.
     """
@@ -385,8 +400,10 @@ def qat_finetune(
     finally:
         if tmp.exists():
             tmp.unlink()
+    step = "no output step: the floor" if parity.output_step is None else f"output step {parity.output_step:.4g}"
     notes.append(f"export parity on {parity.samples} samples: max abs {parity.max_abs:.4g} <= tolerance "
-                 f"{parity.tolerance:.4g} ({th.qat_parity_steps:g} x output step {parity.output_step:.4g}); top-1 agreement "
-                 f"{parity.top1_agreement:.4f} ({parity.near_ties} near ties)")
+                 f"{parity.tolerance:.4g} ({th.qat_parity_steps:g} steps; {step}, {parity.step_source}); top-1 "
+                 f"agreement {parity.top1_agreement:.4f} ({parity.confident_samples} confident samples, "
+                 f"{parity.near_ties} near-tie flips)")
     return QATResult(onnx_path=out_path, epochs=history, parity_max_abs=parity.max_abs,
                      parity_top1_agreement=parity.top1_agreement, engine=ENGINE, notes=notes)

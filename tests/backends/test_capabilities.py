@@ -85,6 +85,15 @@ def test_default_device_stage_comes_from_the_backend(demo_cfg):
         pick_device_target(demo_cfg.model_copy(update={"targets": without}))
 
 
+def test_only_onnx_runtime_on_the_cpu_runs_the_reference_runtime(tmp_path):
+    """The four-way table's ONNX rows run ONNX Runtime's CPU provider: a device stage there would check nothing."""
+    same = {t.name: get_backend(t.backend).runs_reference_runtime(t) for t in [
+        TargetSpec(name="ort", backend="onnxruntime"), TargetSpec(name="ort-gpu", backend="onnxruntime", device="cuda"),
+        TargetSpec(name="ov", backend="openvino"), board(),
+        TargetSpec(name="npu", backend="declared", profile=write_profile(tmp_path / "npu.yaml"))]}
+    assert same == {"ort": True, "ort-gpu": False, "ov": False, "board": False, "npu": False}
+
+
 def test_quantization_times_only_targets_that_measure_latency(demo_onnx_path, demo_samples):
     targets = [TargetSpec(name="ort", backend="onnxruntime"),
                TargetSpec(name="npu", backend="declared", profile="hailo8-example")]

@@ -45,6 +45,9 @@ def test_flow_builds_the_matrix_artifact_and_caches(prefect_server, flow_config)
     table = _artifact("compile-matrix")[-1]
     rows = table.data if isinstance(table.data, list) else yaml.safe_load(table.data)
     assert {r["target"]: r["status"] for r in rows}["openvino-cpu"] == "compiled"
+    assert {"target", "backend", "status", "required", "reason"} == set(rows[0])  # what failed and why, first
+    details = _artifact("compile-details")[-1]
+    rows = details.data if isinstance(details.data, list) else yaml.safe_load(details.data)
     assert {"latency median ms", "latency p90 ms", "precision", "layout", "unsupported ops"} <= set(rows[0])
 
     second = compile_check(params)  # same ONNX sha256 + targets + toolchain: every task is a cache hit
@@ -81,3 +84,37 @@ def test_cli_check_on_the_demo_exits_zero(prefect_server, flow_config):
     assert result.exit_code == 0, result.output
     out = " ".join(result.output.split())
     assert "compiled" in out and "declared-ok" in out and "unavailable" in out and "tensorrt" in out
+
+
+def test_the_int8_graph_that_ships_is_compile_checked_on_every_required_target(prefect_server, tmp_path, demo_root,
+                                                                              demo_onnx_path):
+    """A declared NPU profile that takes the FP32 graph but has no QuantizeLinear/DequantizeLinear cannot take the
+    INT8 model: the INT8 stage stops the run before validation and publishing."""
+    from prefect import flow
+
+    from edgeq.calibration.readers import CalibrationReader
+    from edgeq.core.data import load_split
+    from edgeq.core.store import ArtifactStore
+    from edgeq.flows.compile_check import run_int8_compile_check_stage
+    from edgeq.quantization.ptq import PTQSettings, quantize
+    from edgeq.tasks.config import load_prepared
+
+    targets = [{"name": "ort-cpu", "backend": "onnxruntime"},
+               {"name": "npu", "backend": "declared", "profile": "hailo8-example", "required": True}]
+    cfg = load_prepared(write_config(tmp_path / "cfg", demo_root, targets=targets))
+    x = load_split(cfg.data.validation, cfg.data.preprocess)[0]
+    quantize(demo_onnx_path, tmp_path / "int8.onnx", CalibrationReader({"image": x[:64]}), PTQSettings.from_spec())
+    int8 = ArtifactStore(cfg.store_url).put_file(tmp_path / "int8.onnx")
+
+    @flow(name="int8-compile-check-test")
+    def check_int8():
+        return run_int8_compile_check_stage(cfg, int8)
+
+    state = check_int8(return_state=True)
+    assert state.is_failed()
+    with pytest.raises(CompileCheckFailed, match=r"(?s)cannot take the INT8 model of digits-cnn .*neither "
+                                                 r"validated nor published.*npu \(declared, failed\): op\(s\) "
+                                                 r"outside profile 'hailo8-example'.*QuantizeLinear") as info:
+        state.result()
+    assert info.value.report.graph == "INT8"
+    assert {r.target: r.status for r in info.value.report.reports} == {"ort-cpu": "compiled", "npu": "failed"}

@@ -61,10 +61,21 @@ class Chromium:
     def text(self) -> str:
         return self.evaluate("document.body ? document.body.innerText : ''") or ""
 
-    def wait_for_text(self, needles: list[str], timeout: float = 60) -> str:
+    def scroll_to_bottom(self) -> None:
+        """Scroll the page and every scrolling container to its end: the UI renders some lists (a run's task-run
+        artifacts) only once they come into view."""
+        self.evaluate("(() => { window.scrollTo(0, document.body.scrollHeight);"
+                      " for (const e of document.querySelectorAll('body *')) {"
+                      "   if (e.scrollHeight > e.clientHeight && ['auto', 'scroll'].includes(getComputedStyle(e).overflowY))"
+                      "     e.scrollTop = e.scrollHeight; } })()")
+
+    def wait_for_text(self, needles: list[str], timeout: float = 60, scroll: bool = False) -> str:
+        """The page's text once it shows every needle (scrolling to the end while waiting, if asked)."""
         deadline = time.monotonic() + timeout
         text = ""
         while time.monotonic() < deadline:
+            if scroll:
+                self.scroll_to_bottom()
             text = self.text()
             if all(n in text for n in needles):
                 return text
@@ -77,6 +88,30 @@ class Chromium:
             "(() => { const el = [...document.querySelectorAll('body *')]"
             f".filter(e => e.innerText && e.innerText.trim() === {json.dumps(label)} && e.offsetParent !== null)"
             ".pop(); if (!el) return false; el.click(); return true; })()"))
+
+    def horizontal_overflow(self) -> list[dict]:
+        """What scrolls sideways on the page: the page itself, or an element whose content is wider than its box and
+        may scroll (the UI's tables do). Empty when everything is readable without horizontal scrolling."""
+        return self.evaluate(
+            "(() => { const root = document.scrollingElement;"
+            " const wide = e => e.scrollWidth > e.clientWidth + 1;"
+            " const out = root && wide(root) ? [{tag: 'page', scroll: root.scrollWidth, width: root.clientWidth}] : [];"
+            " for (const e of document.querySelectorAll('body *')) {"
+            "   if (wide(e) && ['auto', 'scroll'].includes(getComputedStyle(e).overflowX))"
+            "     out.push({tag: e.tagName, cls: String(e.className).slice(0, 60), scroll: e.scrollWidth,"
+            "               width: e.clientWidth}); }"
+            " return out; })()") or []
+
+    def dialog_images(self, timeout: float = 15) -> list[dict]:
+        """The images inside the open dialog (a modal form): source (start) and natural width, 0 while not decoded
+        or broken. Waits until one has decoded, or `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            images = self.evaluate("[...document.querySelectorAll('[role=dialog] img')]"
+                                   ".map(i => ({src: i.src.slice(0, 64), width: i.naturalWidth}))") or []
+            if any(i["width"] for i in images) or time.monotonic() > deadline:
+                return images
+            time.sleep(0.5)
 
     def screenshot(self, path: Path) -> Path:
         data = self.send("Page.captureScreenshot", format="png")["data"]

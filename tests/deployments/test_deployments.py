@@ -7,6 +7,7 @@ trigger runs by deployment as a user does from the CLI or UI, and read back what
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from uuid import UUID
@@ -19,10 +20,16 @@ from tests.deployments.local_prefect import LocalPrefect
 
 pytestmark = pytest.mark.timeout(300)
 
-CONVERT = "convert_model/convert-model"
+CONVERT = "convert-model/convert-model"
 CALIBRATE = "build-calibration-set/build-calibration-set"
-RETRAIN = "retrain_to_deploy/retrain-to-deploy"
+RETRAIN = "retrain-to-deploy/retrain-to-deploy"
 SCREENSHOTS = REPO / ".edgeq" / "test-artifacts"
+NUMBER = re.compile(r"\d+\.\d+")
+
+
+def raw_floats(text: str) -> list[str]:
+    """Numbers printed with all their digits (0.9696969696969697): more than 6 significant digits."""
+    return [n for n in NUMBER.findall(text) if len(n.replace(".", "").lstrip("0")) > 6]
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +80,18 @@ def artifacts_of(run_id: UUID) -> dict:
     return {a.key: a for a in arts if a.key}
 
 
+def table_rows(artifact) -> list[dict]:
+    return artifact.data if isinstance(artifact.data, list) else json.loads(artifact.data)
+
+
+def logs_of(run_id: UUID) -> list[str]:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with client() as c:
+        logs = c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+    return [log.message for log in logs]
+
+
 def approved_config(folder: Path, demo_root: Path) -> Path:
     """A demo config whose store holds an approved calibration set (built without Prefect)."""
     from edgeq.calibration.versions import record_decision
@@ -89,7 +108,7 @@ def approved_config(folder: Path, demo_root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def converted(local_prefect, demo_root, tmp_path_factory):
-    """convert_model triggered by deployment, as `prefect deployment run convert_model/convert-model` does."""
+    """convert-model triggered by deployment, as `prefect deployment run convert-model/convert-model` does."""
     from prefect.deployments import run_deployment
 
     cfg = approved_config(tmp_path_factory.mktemp("convert"), demo_root)
@@ -123,13 +142,32 @@ def test_convert_by_deployment_publishes_and_artifacts_read_back(local_prefect, 
         assert key in arts, f"artifact {key} missing from the flow run; it has {sorted(arts)}"
     table = arts["four-way-table"]
     assert table.type == "table"
-    rows = table.data if isinstance(table.data, list) else json.loads(table.data)
+    rows = table_rows(table)
     assert len(rows) == 4, rows  # PyTorch FP32, ONNX FP32, ONNX INT8, device INT8
     assert "bundle-" in arts["published-bundle"].data
 
 
+def test_convert_run_artifacts_read_well(local_prefect, converted):
+    """What the UI shows: rounded numbers, the chart as an embedded picture, the device row's INT8, progress."""
+    run, _ = converted
+    assert_completed(run, local_prefect)
+    arts = artifacts_of(run.id)
+    tables = {k: a for k, a in arts.items() if a.type == "table"}
+    assert {"compile-matrix", "compile-details", "four-way-table", "four-way-gates", "quantization-attempts"} <= set(tables)
+    for key, art in tables.items():
+        data = json.dumps(table_rows(art))
+        assert not raw_floats(data), f"{key} shows unrounded numbers: {raw_floats(data)[:5]}"
+        assert '"-"' not in data, f"{key} has a bare '-' cell"
+    device = next(r for r in table_rows(tables["four-way-table"]) if r["stage"] == "device INT8")
+    assert device["precision"].startswith("int8"), device  # not the runtime's f32 inference hint alone
+    chart = arts["four-way-chart"]
+    assert chart.type == "markdown" and "](data:image/png;base64," in chart.data
+    progress = arts["quantization-progress"]
+    assert progress.type == "progress" and float(progress.data) == 100.0, progress.data
+
+
 def test_calibration_review_through_api_triggers_conversion(local_prefect, demo_root, tmp_path):
-    """Resume the paused review with the UI's form input; the approval event triggers convert_model."""
+    """Resume the paused review with the UI's form input; the approval event triggers convert-model."""
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
     from prefect.deployments import run_deployment
     from prefect.flow_runs import resume_flow_run
@@ -158,7 +196,7 @@ def test_calibration_review_through_api_triggers_conversion(local_prefect, demo_
     v = load_version(ArtifactStore(load_config(cfg).store_url), version)
     assert (v.status, v.decision.reviewer, v.decision.comment) == ("approved", "ui-reviewer", "coverage ok")
 
-    # The deployment trigger: a convert_model run with this config and this version.
+    # The deployment trigger: a convert-model run with this config and this version.
     deadline = time.monotonic() + 60
     triggered = None
     with client() as c:
@@ -167,7 +205,7 @@ def test_calibration_review_through_api_triggers_conversion(local_prefect, demo_
                                     flow_run_filter=FlowRunFilter())
             triggered = next((r for r in runs if r.parameters.get("params", {}).get("calibration") == version), None)
             time.sleep(1)
-    assert triggered is not None, f"no convert_model run was triggered for {version}\n{local_prefect.tail('worker')}"
+    assert triggered is not None, f"no convert-model run was triggered for {version}\n{local_prefect.tail('worker')}"
     assert triggered.parameters["params"]["config"] == str(cfg)
     finished = wait_for(triggered.id, local_prefect)
     assert_completed(finished, local_prefect)
@@ -203,17 +241,94 @@ def test_flow_run_page_shows_artifacts_in_chromium(local_prefect, converted, cap
         pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it where apt works)")
     run, _ = converted
     assert_completed(run, local_prefect)
+    tables = {k: a for k, a in artifacts_of(run.id).items() if a.type == "table"}
     shot = SCREENSHOTS / f"flow-run-{run.name}-artifacts.png"
+    matrix_shot = SCREENSHOTS / f"flow-run-{run.name}-compile-matrix.png"
+    pages: dict[str, str] = {}
     browser = Chromium(binary)
     try:
         browser.goto(f"{local_prefect.url}/runs/flow-run/{run.id}")
         browser.wait_for_text([run.name, "Completed", "Artifacts"])
         assert browser.click_text("Artifacts"), "the flow run page has no Artifacts tab"
-        text = browser.wait_for_text(["four-way-table", "four-way-validation", "published-bundle", "compile-matrix"])
+        text = browser.wait_for_text(["four-way-table", "four-way-validation", "published-bundle", "compile-matrix"],
+                                     scroll=True)
         browser.screenshot(shot)
+        for key, art in sorted(tables.items()):  # every table as the UI shows it, on the artifact's own page
+            cell = next(iter(table_rows(art)[0].values()))  # the first cell, as the UI prints it
+            browser.goto(f"{local_prefect.url}/artifacts/artifact/{art.id}")
+            pages[key] = browser.wait_for_text([key, str(cell).lower() if isinstance(cell, bool) else str(cell)])
+            if key == "compile-matrix":
+                browser.screenshot(matrix_shot)
+                overflow = browser.horizontal_overflow()
     finally:
         browser.close()
     assert "Can't connect to Server API" not in text
     assert shot.stat().st_size > 10_000
+    for key, page in pages.items():
+        assert not raw_floats(page), f"the {key} page shows unrounded numbers: {raw_floats(page)[:5]}"
+    # The reason column is readable where it is: nothing on the compile matrix's page scrolls sideways.
+    assert overflow == [], f"the compile matrix scrolls sideways: {overflow}"
+    shown = " ".join(pages["compile-matrix"].split())
+    for row in table_rows(tables["compile-matrix"]):
+        assert " ".join(str(row["reason"]).split()) in shown, row
     with capsys.disabled():
-        print(f"\nscreenshot of the flow run's Artifacts tab: {shot}")
+        print(f"\nscreenshots of the flow run's Artifacts tab and its compile matrix: {shot}, {matrix_shot}")
+
+
+def test_review_form_embeds_the_coverage_histogram_in_chromium(local_prefect, demo_root, tmp_path, capsys):
+    """The Resume form a reviewer sees: the coverage report with its histogram as a picture (not a file path no
+    browser opens), and what each decision means. The reviewer here rejects, so nothing is converted."""
+    from prefect.deployments import run_deployment
+    from prefect.flow_runs import resume_flow_run
+
+    binary = chromium_path()
+    if binary is None:
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it where apt works)")
+    cfg = write_config(tmp_path / "form", demo_root)
+    run = run_deployment(CALIBRATE, parameters={"params": {"config": str(cfg), "poll_interval_s": 1}},
+                         timeout=0, as_subflow=False)
+    paused = wait_for(run.id, local_prefect, done=("PAUSED", "COMPLETED", "FAILED", "CRASHED"), timeout=180)
+    assert paused.state.type.value == "PAUSED", f"{paused.state.name}: {paused.state.message}"
+    keys = paused.state.state_details.run_input_keyset
+    with client() as c:
+        schema = json.loads(c.read_flow_run_input(run.id, keys["schema"]))
+        description = c.read_flow_run_input(run.id, keys["description"])
+    help_text = schema["properties"]["decision"].get("description", "")
+    assert "approve:" in help_text and "reject:" in help_text, help_text
+    assert "](data:image/png;base64," in description and "file://" not in description
+
+    shot = SCREENSHOTS / f"flow-run-{paused.name}-review-form.png"
+    browser = Chromium(binary)
+    try:
+        browser.goto(f"{local_prefect.url}/runs/flow-run/{run.id}")
+        browser.wait_for_text([paused.name, "Paused", "Resume"])
+        assert browser.click_text("Resume"), "the paused run has no Resume button"
+        form = browser.wait_for_text(["Calibration set cal-", "Decision", "Reviewer", "Submit"])
+        images = browser.dialog_images()
+        browser.evaluate("document.querySelector('[role=dialog] img')?.scrollIntoView({block: 'center'})")
+        browser.screenshot(shot)
+    finally:
+        browser.close()
+        resume_flow_run(run.id, run_input={"decision": "reject", "reviewer": "ui-tests", "comment": "form check"})
+    assert "approve: quantization may use" in form
+    assert any(i["src"].startswith("data:image/png") and i["width"] > 100 for i in images), images
+    assert_completed(wait_for(run.id, local_prefect), local_prefect)
+    with capsys.disabled():
+        print(f"\nscreenshot of the calibration review form: {shot}")
+
+
+def test_build_of_an_approved_set_says_so_in_its_logs_and_an_artifact(local_prefect, converted):
+    """Building again from the same captures selects the same, already approved, set: no review, and the run says
+    why in its log and in a markdown artifact."""
+    from prefect.deployments import run_deployment
+
+    _, cfg = converted  # its store holds the set these captures give, approved by edgeq-tests
+    run = run_deployment(CALIBRATE, parameters={"params": {"config": str(cfg), "poll_interval_s": 1}},
+                         timeout=0, as_subflow=False)
+    done = wait_for(run.id, local_prefect, timeout=180)
+    assert_completed(done, local_prefect)
+    logs = " ".join(logs_of(run.id))
+    assert "already approved by edgeq-tests" in logs, logs[-2000:]
+    review = artifacts_of(run.id).get("calibration-review")
+    assert review is not None and review.type == "markdown", sorted(artifacts_of(run.id))
+    assert "is already approved" in review.data and "edgeq-tests" in review.data

@@ -68,6 +68,7 @@ def test_serve_builds_the_prefect_yaml_deployments():
     spec.loader.exec_module(serve)
     deps = {d.name: d for d in serve.runner_deployments()}
     assert set(deps) == {"convert-model", "build-calibration-set", "retrain-to-deploy"}
+    assert all(d.full_name == f"{name}/{name}" for name, d in deps.items())  # each named after its flow
     assert [s.schedule.cron for s in deps["retrain-to-deploy"].schedules] == ["0 3 * * 1"]
     assert deps["convert-model"].concurrency_limit == 1
     assert deps["convert-model"].concurrency_options.collision_strategy.value == "ENQUEUE"

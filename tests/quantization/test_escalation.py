@@ -65,3 +65,28 @@ def test_qat_requested_without_training_data(tmp_path, demo_root):
 
     with pytest.raises(SpecError, match="QAT was requested but the config has no training data: set data.train"):
         run_quantization(cfg, fp32, build_model(cfg.model), calib, "v-test", val, None, tmp_path / "out", opset)
+
+
+def test_an_attempt_a_required_target_cannot_run_is_not_eligible(tmp_path, demo_root):
+    """A required board whose runtime has no INT8 kernels runs the FP32 model, and none of the INT8 attempts: each
+    attempt is recorded as failed on that target, accurate or not, and the run fails naming the target and why."""
+    import sys
+    from pathlib import Path
+
+    board = {"name": "board", "backend": "command", "batch": "dynamic", "required": True,
+             "command": [sys.executable, str(Path(__file__).parents[1] / "noisy_device.py"), "--refuse-int8"]}
+    path = write_config(tmp_path, demo_root, targets=[{"name": "ort-cpu", "backend": "onnxruntime"}, board],
+                        quantization={"mode": "ptq", "latency_iters": 10, "max_sensitive_fp32": 0})
+    cfg = load_prepared(path)
+    exported = export_to_store(cfg)
+    fp32 = ArtifactStore(cfg.store_url).local_path(exported.onnx)
+    calib = CalibrationReader({"image": load_split(cfg.data.train, cfg.data.preprocess)[0][:128]})
+    val = load_split(cfg.data.validation, cfg.data.preprocess)
+    with pytest.raises(GateError, match=r"no INT8 attempt can ship: required target 'board' cannot take the INT8 "
+                                        r"models \(failed to run it: .*no INT8 kernels") as err:
+        run_quantization(cfg, fp32, build_model(cfg.model), calib, "v-test", val, None, tmp_path / "out",
+                         exported.report.opset)
+    rep = err.value.report
+    assert len(rep.attempts) == 4 and all("board" in a.failed_targets and a.error for a in rep.attempts)
+    assert any(a.meets_sla for a in rep.attempts)  # accurate enough, and still not shipped
+    assert rep.chosen is None and not (tmp_path / "out").exists()

@@ -163,12 +163,18 @@ def verify_store(root: Path) -> dict[str, int]:
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """Relative path -> sha256 of every file under a store (missing store: empty)."""
+    """Relative path -> sha256 of every file under a store (missing store: empty).
+
+    Prefect's task results and cache records (`<store>/prefect-results`) are left out: they are Prefect's
+    bookkeeping, not artifacts, and a failed task records its exception there.
+    """
     from edgeq.core.store import sha256_file
+    from edgeq.tasks.caching import RESULTS_FOLDER
 
     if not root.exists():
         return {}
-    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.relative_to(root).parts[0] != RESULTS_FOLDER}
 
 
 _SEED: dict[str, Any] = {}

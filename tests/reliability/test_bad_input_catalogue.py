@@ -3,7 +3,8 @@ the store. The count is printed in the test summary (hook in tests/conftest.py).
 
 Cases collected from tests/test_specs.py, tests/test_export.py, tests/test_store.py,
 tests/backends/test_declared_and_bad_input.py, tests/calibration/test_calibration_bad_input.py,
-tests/quantization/*, tests/test_validate.py, plus cases that only this catalogue covers (marked NEW).
+tests/quantization/*, tests/test_validate.py, tests/calibration/test_content_identity.py, plus cases that only
+this catalogue covers (marked NEW).
 """
 
 from __future__ import annotations
@@ -254,6 +255,48 @@ def device_target(name):
     return run
 
 
+def validate_with_test(form: str, overlap: int = 5):
+    """The validate stage with data.test = 40 real test digits plus `overlap` calibration captures, stored as `form`.
+
+    The disjointness gate runs before any model does, so the FP32 model stands in the INT8 slot.
+    """
+    def run(c):
+        from edgeq.tasks.config import load_prepared
+        from edgeq.tasks.validate import validate_to_store
+
+        with np.load(c.demo / "test.npz") as z, np.load(c.demo / "pool.npz") as p:
+            x = np.concatenate([z["x"][:40], p["x"][:overlap]])
+            y = np.concatenate([z["y"][:40], p["y"][:overlap]])
+        test = {"kind": "arrays", "path": str(c.tmp / "test.npz")}
+        if form.startswith("float32"):
+            x = (x / 255.0).astype(np.float32)
+            test["preprocessed"] = form == "float32-preprocessed"
+        elif form == "nhwc":
+            x = x.transpose(0, 2, 3, 1)
+        elif form == "nhwc-3-channels":
+            x = np.repeat(x, 3, axis=1).transpose(0, 2, 3, 1)
+        np.savez(c.tmp / "test.npz", x=x, y=y)
+        cfg = load_prepared(config(c, lambda d: d["data"].update(test=test)))
+        return validate_to_store(cfg, c.fp32, c.fp32, c.version, c.opset)
+    return run
+
+
+def validate_on(name):
+    """The four-way validation stage with `name` as the device target (what convert runs after quantizing)."""
+    def run(c):
+        from edgeq.tasks.config import load_prepared
+        from edgeq.tasks.validate import validate_to_store
+
+        cfg = load_prepared(config(c, validation={"device_target": name, "latency_iters": 10}))
+        return validate_to_store(cfg, c.fp32, c.fp32, c.version, c.opset)
+    return run
+
+
+def required(target: str):
+    """Config edit: make a target required."""
+    return lambda d: next(t for t in d["targets"] if t["name"] == target).update(required=True)
+
+
 def rejected_candidate(c):
     """Setup: a small candidate version in the case's store, rejected by bob."""
     from edgeq.calibration.versions import record_decision
@@ -310,6 +353,9 @@ CASES = [
          r"exit 1: .*bad.yaml is not valid YAML"),
     Case("validation-device-target-unknown", device_target("board"), SpecError,
          r"validation.device_target 'board' is not one of the targets \(ort-cpu, openvino-cpu, hailo8-declared\)"),
+    Case("validation-device-target-is-onnx-runtime (NEW)", validate_on("ort-cpu"), SpecError,
+         r"validation.device_target: device target 'ort-cpu' runs the INT8 model on the runtime and device of the "
+         r"ONNX INT8 row .*no independent device check would run.*require_independent_device: false"),
     # --- export (tests/test_export.py)
     Case("export-missing-weights", export(model(weights="/nonexistent/nope.safetensors")), SpecError,
          r"weights file .*nope.safetensors does not exist"),
@@ -332,6 +378,10 @@ CASES = [
          r"op aten::einsum needs ONNX opset >= 12, but the export opset is 11 \(lowest maximum opset among "
          r"targets: old-npu supports up to 11\): raise that target's max_opset"),
     Case("export-empty-test-split (NEW)", empty_split, SpecError, r"data split from .*empty.npz is empty"),
+    Case("export-nan-in-one-output (NEW)",
+         export(model(factory="tests.edgeq_testmodels:nan_aux", outputs=["logits", "aux"])), GateError,
+         r"dynamic-shape probe: input 'image' axis 0 \('batch'\) at size 1: output 'aux': PyTorch has 1 non-finite "
+         r"value\(s\) \(NaN/Inf\)"),
     # --- compile check (tests/backends/test_declared_and_bad_input.py)
     Case("check-truncated-onnx", check({"name": "t", "backend": "onnxruntime"}, truncated_onnx), ModelFileError,
          r"truncated.onnx is not a readable ONNX model \(truncated or corrupt file\?\)"),
@@ -380,9 +430,26 @@ CASES = [
     Case("quantize-keep-fp32-layer-not-in-model",
          quantize(edit=lambda d: d["quantization"].update(keep_fp32_nodes=["no_such_conv"])), SpecError,
          r"layer\(s\) to keep in FP32 not found in the model: no_such_conv"),
+    Case("quantize-required-declared-target-without-qdq-ops (NEW)",
+         quantize(edit=lambda d: (required("hailo8-declared")(d), d["quantization"].update(max_sensitive_fp32=0))),
+         GateError, r"no INT8 attempt can ship: required target 'hailo8-declared' cannot take the INT8 models "
+                    r"\(failed: op\(s\) outside profile 'hailo8-example' of target 'hailo8-declared': "
+                    r"(QuantizeLinear|DequantizeLinear)"),
     Case("quantize-qat-without-training-data",
          quantize(edit=lambda d: (d["quantization"].update(mode="qat"), d["data"].pop("train"))), SpecError,
          r"QAT (was requested but the config has no|needs) training data: set data.train"),
+    # --- validation (tests/test_validate.py, tests/calibration/test_content_identity.py)
+    Case("validate-float32-test-split-overlapping-captures", validate_with_test("float32-preprocessed"),
+         GateError, r"the test split shares 5 of 45 samples with calibration version cal-\w+ \(the same model "
+                    r"input after data.preprocess\)"),
+    Case("validate-nhwc-test-split-overlapping-captures", validate_with_test("nhwc"), GateError,
+         r"the test split shares 5 of 45 samples with calibration version cal-\w+"),
+    Case("validate-float32-test-split-not-marked-preprocessed", validate_with_test("float32-unmarked"),
+         SpecError, r"data.test holds float32 samples with fractional values \(45 of 45 samples\) but is not "
+                    r"marked `preprocessed: true`"),
+    Case("validate-test-split-no-layout-change-fits", validate_with_test("nhwc-3-channels"), SpecError,
+         r"data.test holds samples of shape \[8, 8, 3\] but model input 'image' takes \[1, 8, 8\] .*cannot be "
+         r"put in one form"),
     # --- store and publish (tests/test_store.py, tests/test_validate.py)
     Case("store-tampered-artifact", tampered_read, IntegrityError,
          r"artifact digits-cnn.onnx at .* was changed after it was written: .*refusing to use it", setup=tamper),

@@ -34,7 +34,7 @@ def test_sigkill_during_quantization_then_rerun_resumes_from_cache(prefect_serve
     t0 = time.time() - 1
     proc = start_convert(cfg, version, env, tmp_path / "first.log")
     try:
-        run_id = wait_for_task_run("convert_model", "quantize", after=t0)
+        run_id = wait_for_task_run("convert-model", "quantize", after=t0)
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:

@@ -71,16 +71,21 @@ def test_dask_fanout_with_two_workers_matches_the_thread_runner(prefect_server, 
                for r in results["dask"]), results["dask"]
 
 
-def test_second_worker_process_on_the_shared_store_gets_cache_hits(prefect_server, demo_root, tmp_path):
-    """Two processes ("workers on two machines") sharing one store and one Prefect result storage location."""
+def test_second_worker_with_its_own_prefect_home_gets_cache_hits_from_the_store(prefect_server, demo_root, tmp_path):
+    """Two processes ("workers on two machines") sharing one store, each with its own Prefect home and so its own
+    local result storage: the second one's exports, compile checks and quantizations are cache hits, because edgeq
+    keeps task results and their cache records in the store (`<store>/prefect-results`), not in the Prefect home."""
     from edgeq.flows.fanout import FanoutParams
 
     seed_store, version = seed(demo_root)
     store = copy_store(seed_store, tmp_path / "shared-store")
-    env = child_env(results_dir=tmp_path / "shared-results")  # not the session's: only these two share it
     params = FanoutParams(configs=_configs(tmp_path, demo_root, store), stage="quantize", calibration=version)
-    outs = []
+    outs, homes = [], []
     for worker in ("a", "b"):
+        home = tmp_path / f"prefect-home-{worker}"
+        homes.append(home)
+        env = child_env(results_dir=home / "storage")
+        env["PREFECT_HOME"] = str(home)
         proc = subprocess.run([sys.executable, "-c", FANOUT_SCRIPT, params.model_dump_json()], env=env,
                               capture_output=True, text=True, timeout=240)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -92,4 +97,5 @@ def test_second_worker_process_on_the_shared_store_gets_cache_hits(prefect_serve
     assert first == ["Completed"] * n, first
     assert second == ["Cached"] * n, second
     assert outs[1]["rows"] == outs[0]["rows"]
-    assert any((tmp_path / "shared-results").iterdir())  # the cache records live on the shared location
+    assert len([p for p in (store / "prefect-results").iterdir() if p.is_file()]) >= n  # one record per task run
+    assert not [p for h in homes for p in (h / "storage").rglob("*") if p.is_file()]  # nothing in either home
