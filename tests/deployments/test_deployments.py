@@ -84,12 +84,19 @@ def table_rows(artifact) -> list[dict]:
     return artifact.data if isinstance(artifact.data, list) else json.loads(artifact.data)
 
 
-def logs_of(run_id: UUID) -> list[str]:
+def logs_of(run_id: UUID, until: str | None = None, timeout: float = 30.0) -> list[str]:
+    """The run's log messages. The flow's process ships its logs in batches, and the run can reach Completed before
+    the last batch arrives: with `until`, read again until a message holds that text (or the timeout passes)."""
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    with client() as c:
-        logs = c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
-    return [log.message for log in logs]
+    deadline = time.monotonic() + timeout
+    while True:
+        with client() as c:
+            logs = [log.message for log in
+                    c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))]
+        if until is None or any(until in m for m in logs) or time.monotonic() > deadline:
+            return logs
+        time.sleep(1.0)
 
 
 def approved_config(folder: Path, demo_root: Path) -> Path:
@@ -327,7 +334,7 @@ def test_build_of_an_approved_set_says_so_in_its_logs_and_an_artifact(local_pref
                          timeout=0, as_subflow=False)
     done = wait_for(run.id, local_prefect, timeout=180)
     assert_completed(done, local_prefect)
-    logs = " ".join(logs_of(run.id))
+    logs = " ".join(logs_of(run.id, until="already approved by edgeq-tests"))
     assert "already approved by edgeq-tests" in logs, logs[-2000:]
     review = artifacts_of(run.id).get("calibration-review")
     assert review is not None and review.type == "markdown", sorted(artifacts_of(run.id))
