@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from edgeq.backends import get_backend
 from edgeq.core.compare import OutputComparison, Tolerance, compare_outputs
 from edgeq.core.errors import ExportError, GateError, SpecError
-from edgeq.core.onnx_graph import CONTROL_FLOW_OPS, TensorMeta, iter_nodes, make_feeds, node_label
+from edgeq.core.onnx_graph import CONTROL_FLOW_OPS, TensorMeta, iter_nodes, make_feeds, node_label, rename_outputs
 from edgeq.core.ort import LOG_FATAL, ort_session
 from edgeq.core.specs import ModelSpec, TargetSpec, Thresholds
 
@@ -105,10 +105,38 @@ def choose_opset(targets: list[TargetSpec]) -> tuple[int, str]:
 
 
 # ---------------------------------------------------------------- inputs
-def make_inputs(spec: ModelSpec, dims: dict[str, int], samples: np.ndarray | None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Feeds for every input at the given dynamic sizes; the first input takes real samples where shapes allow."""
+Samples = Mapping[str, np.ndarray]  # {model input name: real samples along axis 0}, every input of the model
+
+
+def as_samples(spec: ModelSpec, samples: Samples | np.ndarray) -> dict[str, np.ndarray]:
+    """Real samples for every model input; one array is a one-input model's. A gate never makes up an input's
+    values: a missing input is a SpecError."""
+    if not isinstance(samples, Mapping):
+        if len(spec.inputs) > 1:
+            raise SpecError(f"the model has inputs {[i.name for i in spec.inputs]}: give samples for every input "
+                            "({input name: array})")
+        samples = {spec.inputs[0].name: samples}
+    missing = [i.name for i in spec.inputs if i.name not in samples]
+    if missing:
+        raise SpecError(f"no samples for model input(s) {missing}: the export gates feed real data to every input")
+    return {i.name: np.asarray(samples[i.name]) for i in spec.inputs}
+
+
+def data_dims(spec: ModelSpec, samples: Samples) -> dict[str, int]:
+    """The dynamic dimension sizes that `samples` hold (batch = the number of samples)."""
+    dims = dict(spec.example_dims)
+    for inp in spec.inputs:
+        for axis, dim in inp.dynamic_axes.items():
+            dims[dim] = samples[inp.name].shape[axis]
+    return dims
+
+
+def make_inputs(spec: ModelSpec, dims: dict[str, int], samples: Samples | np.ndarray | None,
+                seed: int = 0) -> dict[str, np.ndarray]:
+    """Feeds for every input at the given dynamic sizes, from real samples (repeated to fill the batch, cut to a
+    shorter sequence); without samples, random floats and zero integers (smoke runs only)."""
     metas = [TensorMeta(name=i.name, shape=list(i.shape), dtype=i.dtype) for i in spec.inputs]
-    return make_feeds(metas, dims, samples, seed=seed, samples_hint="model.inputs[0].shape vs data")
+    return make_feeds(metas, dims, samples, seed=seed, samples_hint="model.inputs shapes vs data")
 
 
 def run_torch(model: torch.nn.Module, spec: ModelSpec, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -143,6 +171,10 @@ def run_onnx(path: str | Path, feeds: Mapping[str, np.ndarray] | np.ndarray, inp
 
 
 # ---------------------------------------------------------------- export
+# TracerWarnings that say a tensor's value became a Python value: the trace holds it as a constant.
+_BAKED = re.compile(r"Converting a tensor to a Python (boolean|number|index|integer|float|list)")
+
+
 def _dynamic_axes(spec: ModelSpec) -> dict[str, dict[int, str]]:
     return {i.name: i.dynamic_axes for i in spec.inputs if i.dynamic_axes}
 
@@ -165,8 +197,12 @@ def export_onnx(model: torch.nn.Module, spec: ModelSpec, opset: int, feeds: dict
             f"opset {opset}: set model.exporter to 'auto' or 'torchscript', or drop that target"
         )
     args = tuple(torch.from_numpy(feeds[i.name]) for i in spec.inputs)
+    # The exporters name internal values after modules and ops (an `embedding` module gives a value `embedding`),
+    # and the torch.export-based one then writes a graph that names two values alike. So export under names that
+    # cannot collide, and give the outputs the user's names afterwards (rename_outputs moves internals aside).
+    temp_outputs = [f"edgeq_output_{k}__" for k in range(len(spec.outputs))]
     kwargs: dict[str, Any] = dict(
-        input_names=[i.name for i in spec.inputs], output_names=list(spec.outputs), opset_version=opset,
+        input_names=[i.name for i in spec.inputs], output_names=temp_outputs, opset_version=opset,
         dynamic_axes=_dynamic_axes(spec) or None,
     )
     notes: list[str] = []
@@ -221,17 +257,33 @@ def export_onnx(model: torch.nn.Module, spec: ModelSpec, opset: int, feeds: dict
             raise ExportError(f"export failed at opset {opset} ({exporter} exporter): {type(exc).__name__}: {text}") from None
     for w in caught:
         name = w.category.__name__
-        if name == "TracerWarning" and "Python boolean" in str(w.message):
+        baked = _BAKED.search(str(w.message)) if name == "TracerWarning" else None
+        if baked and baked.group(1) == "boolean":
             raise ExportError(
                 "the model has tensor-dependent Python control flow: tracing recorded only the branch the export "
                 f"example took ({w.filename}:{w.lineno}), so the ONNX model would silently be wrong for other inputs. "
                 "Rewrite it with torch.cond and use the torch.export-based exporter (opset >= 18), or remove the branch."
             )
+        if baked:
+            raise ExportError(
+                f"the model turns a tensor's value into a Python {baked.group(1)} at {w.filename}:{w.lineno} "
+                "(`int(t)`, `float(t)`, `t.item()`, a tensor used as an index or a size): tracing records the value the "
+                "export example had as a constant, so the ONNX model would silently be wrong for other inputs. Keep "
+                "the value a tensor there, or set model.exporter to 'dynamo' (the torch.export-based exporter, "
+                "opset >= 18), which captures it or says it cannot."
+            )
         if name == "TracerWarning":
             notes.append(f"tracer: {w.message} ({Path(w.filename).name}:{w.lineno})")
-    got = {o.domain: o.version for o in onnx.load(str(out), load_external_data=False).opset_import}
+    proto = onnx.load(str(out), load_external_data=False)
+    got = {o.domain: o.version for o in proto.opset_import}
     if got.get("", got.get("ai.onnx", 0)) > opset:
         raise ExportError(f"exporter wrote opset {got.get('')} but targets support at most {opset}")
+    written = [o.name for o in proto.graph.output]
+    if written != temp_outputs:
+        raise ExportError(f"the model returns {len(written)} output(s) but model.outputs names {len(spec.outputs)} "
+                          f"({list(spec.outputs)}): name every output the model's forward returns, in order")
+    notes += rename_outputs(proto, dict(zip(temp_outputs, spec.outputs)))
+    onnx.save(proto, str(out))
     return exporter, notes
 
 
@@ -286,12 +338,36 @@ def _torch_vs_onnx(spec: ModelSpec, ref: list[np.ndarray], got: list[np.ndarray]
                            labels=("PyTorch", "ONNX"))
 
 
-def check_parity(model: torch.nn.Module, spec: ModelSpec, session, samples: np.ndarray, atol: float) -> list[ParityRow]:
-    """PyTorch vs ONNX Runtime on real samples, per output. Outputs of different shapes raise GateError."""
-    n = len(samples)
-    dims = {**spec.example_dims, **{d: n for d in ("batch",) if d in spec.example_dims}}
-    feeds = make_inputs(spec, dims, samples)
+def degenerate_outputs(spec: ModelSpec, ref: list[np.ndarray]) -> list[str]:
+    """Why reference outputs on the parity samples cannot show a difference: an output that is all zero, the same
+    for every sample, or not finite. A gate that compares such outputs compares nothing."""
+    why = []
+    for name, out in zip(spec.outputs, ref):
+        a = np.asarray(out)
+        if a.size == 0:
+            why.append(f"output {name!r} is empty")
+        elif not np.isfinite(a).all():
+            why.append(f"output {name!r} holds NaN/Inf on {int((~np.isfinite(a)).sum())} values")
+        elif not a.any():
+            why.append(f"output {name!r} is all zero")
+        elif a.ndim and len(a) > 1 and np.array_equal(a, np.broadcast_to(a[:1], a.shape)):
+            why.append(f"output {name!r} is the same for all {len(a)} samples")
+    return why
+
+
+def check_parity(model: torch.nn.Module, spec: ModelSpec, session, samples: Samples | np.ndarray,
+                 atol: float) -> list[ParityRow]:
+    """PyTorch vs ONNX Runtime on real samples of every input, per output. Outputs of different shapes, and
+    reference outputs that cannot show a difference (`degenerate_outputs`), raise GateError."""
+    samples = as_samples(spec, samples)
+    feeds = make_inputs(spec, data_dims(spec, samples), samples)
     ref = run_torch(model, spec, feeds)
+    degenerate = degenerate_outputs(spec, ref)
+    if degenerate:
+        raise GateError(
+            f"parity gate: the parity samples are degenerate — on the {len(next(iter(feeds.values())))} samples "
+            f"PyTorch's {'; '.join(degenerate)}, so comparing ONNX with it would prove nothing. Check the data "
+            "(an input of zeros, an all-zero mask, the wrong split) and the weights (model.weights loaded?)")
     got = session.run(list(spec.outputs), feeds)
     rows = []
     for r in _torch_vs_onnx(spec, ref, got, atol):
@@ -303,20 +379,40 @@ def check_parity(model: torch.nn.Module, spec: ModelSpec, session, samples: np.n
     return rows
 
 
-def probe_dynamic_shapes(model: torch.nn.Module, spec: ModelSpec, session, samples: np.ndarray, atol: float,
-                         probe_atol: float) -> list[ProbeRow]:
-    """Run the ONNX model at sizes other than the export example; a baked-in shape fails or diverges."""
+def probe_sizes(dim: str, base: int, have: int | None) -> list[int]:
+    """Sizes to probe a dynamic axis at, other than the export example's `base`. The batch: 1 and 3. Another axis
+    (a sequence) with real data `have` long: shorter lengths of that data (the data cannot be made longer); without
+    data, one longer and one shorter."""
+    if dim == "batch":
+        sizes = [1, 3]
+    elif have is not None:
+        sizes = [have - 1, max(1, have // 2)] if have > 1 else [1]
+    else:
+        sizes = [base + 1, max(1, base - 1)]
+    return [s for s in dict.fromkeys(sizes) if s != base] or ([base + 2] if have is None or dim == "batch" else [1])
+
+
+def probe_dynamic_shapes(model: torch.nn.Module, spec: ModelSpec, session, samples: Samples | np.ndarray | None,
+                         atol: float, probe_atol: float) -> list[ProbeRow]:
+    """Run the ONNX model at sizes other than the export example's, on real samples: other batch sizes, and for a
+    sequence axis, the samples cut to shorter lengths (every input that shares the axis alike). A baked-in shape
+    fails or diverges."""
     # The probe looks for baked-in shapes (errors, wrong shapes, gross divergence); numeric parity is the
     # parity gate's job, so a tighter export tolerance does not make the probe flag float noise.
     tol = max(atol, probe_atol)
+    samples = None if samples is None else as_samples(spec, samples)
+    have = data_dims(spec, samples) if samples is not None else {}
     rows = []
+    seen: set[str] = set()
     for inp in spec.inputs:
         for axis, dim in inp.dynamic_axes.items():
+            if dim in seen:  # a shared axis (seq of input_ids and attention_mask) is probed once, on every input
+                continue
+            seen.add(dim)
             base = spec.example_dims[dim]
-            sizes = [1, 3] if dim == "batch" else [base + 1, max(1, base - 1)]
-            for size in [s for s in dict.fromkeys(sizes) if s != base] or [base + 2]:
-                dims = {**spec.example_dims, dim: size}
-                feeds = make_inputs(spec, dims, samples if samples is not None and dim == "batch" else None, seed=size)
+            for size in probe_sizes(dim, base, None if dim == "batch" else have.get(dim)):
+                dims = {**spec.example_dims, **{d: n for d, n in have.items() if d != "batch"}, dim: size}
+                feeds = make_inputs(spec, dims, samples, seed=size)
                 try:
                     got = session.run(list(spec.outputs), feeds)
                 except Exception as exc:  # noqa: BLE001 - ORT's own message names the node
@@ -361,12 +457,14 @@ def format_failures(report: ExportReport) -> str:
 
 
 # ---------------------------------------------------------------- the stage
-def run_export(model: torch.nn.Module, spec: ModelSpec, targets: list[TargetSpec], samples: np.ndarray,
+def run_export(model: torch.nn.Module, spec: ModelSpec, targets: list[TargetSpec], samples: Samples | np.ndarray,
                thresholds: Thresholds, out_path: Path) -> ExportReport:
     """Export, check, scan, probe and gate. Raises ExportError/GateError; on success `out_path` holds the model.
 
-    A refusal after the model was measured carries the export report as the GateError's ``report``.
+    `samples` are real samples of every model input ({name: array}; one array for a one-input model). A refusal
+    after the model was measured carries the export report as the GateError's ``report``.
     """
+    samples = as_samples(spec, samples)
     atol = thresholds.export_atol
     opset, reason = choose_opset(targets)
     feeds = make_inputs(spec, spec.example_dims, samples)
@@ -392,7 +490,8 @@ def run_export(model: torch.nn.Module, spec: ModelSpec, targets: list[TargetSpec
             except GateError:
                 raise
             except Exception as exc:  # noqa: BLE001
-                raise GateError(f"parity gate: ONNX Runtime could not run {len(samples)} samples: {exc}") from None
+                n = len(next(iter(samples.values())))
+                raise GateError(f"parity gate: ONNX Runtime could not run {n} samples: {exc}") from None
         if not report.passed:
             raise GateError("export refused:\n" + format_failures(report), report=report)
         out_path.parent.mkdir(parents=True, exist_ok=True)

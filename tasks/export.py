@@ -9,7 +9,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
-from edgeq.core.data import load_split
+from edgeq.core.data import load_inputs, take
 from edgeq.core.errors import GateError
 from edgeq.core.modeling import build_model
 from edgeq.core.specs import EdgeqConfig
@@ -43,8 +43,8 @@ def export_cache_key(cfg: EdgeqConfig) -> str:
 def export_to_store(cfg: EdgeqConfig) -> ExportResult:
     """Export the config's model, gate it, and put the ONNX file in the store."""
     model = build_model(cfg.model)
-    x, _ = load_split(cfg.data.test, cfg.data.preprocess)
-    samples = x[: cfg.thresholds.parity_samples]
+    test, _ = load_inputs(cfg.data.test, cfg.model.inputs, cfg.data.preprocess)
+    samples = take(test, slice(0, cfg.thresholds.parity_samples))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"{cfg.model.name}.onnx"
         report = run_export(model, cfg.model, cfg.targets, samples, cfg.thresholds, out)

@@ -43,10 +43,11 @@ def quiet_expected_errors() -> None:
     `fail`, instead of also by Prefect with its traceback. Other exceptions keep theirs; --verbose keeps all."""
     if VERBOSE:
         return
-    import prefect  # noqa: F401 - its logging setup creates the console handler that gets the filter
+    from prefect.logging.configuration import ensure_logging_setup
 
     from edgeq.core.quiet import hide_expected_errors
 
+    ensure_logging_setup()  # creates the console handler that gets the filter (a no-op once Prefect set it up)
     hide_expected_errors((EdgeqError,))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,9 @@ import pandas as pd
 
 from edgeq.core.errors import SpecError
 from edgeq.core.specs import InputSpec, Preprocess, SplitSource, load_object
+
+# A batch of samples: {model input name: array with the samples along axis 0}, every input of the model.
+Batch = dict[str, np.ndarray]
 
 
 def pixel_hash(raw: np.ndarray) -> str:
@@ -125,6 +129,162 @@ def load_split(src: SplitSource, pp: Preprocess) -> tuple[np.ndarray, np.ndarray
         return raw.astype(np.float32), y
     check_raw(raw, pp, f"data split from {src.path or src.loader}")
     return preprocess(raw, pp), y
+
+
+# ---------------------------------------------------------------- named inputs
+def batch_size(batch: Mapping[str, np.ndarray]) -> int:
+    """Samples in a batch (every input holds as many)."""
+    return len(next(iter(batch.values()))) if batch else 0
+
+
+def take(batch: Mapping[str, np.ndarray], index) -> Batch:
+    """The same samples (a slice, an index array) of every input."""
+    return {k: v[index] for k, v in batch.items()}
+
+
+def input_preprocess(spec: InputSpec, pp: Preprocess) -> Preprocess | None:
+    """One input's preprocessing: its own, else `data.preprocess` for a float input; never for integer/bool inputs."""
+    if not spec.is_float:
+        return None
+    return spec.preprocess if spec.preprocess is not None else pp
+
+
+def _as_array(v, name: str, what: str) -> np.ndarray:
+    try:
+        a = np.asarray(v)
+    except ValueError as exc:  # numpy refuses ragged nested lists
+        raise SpecError(f"{what}: input {name!r} is ragged (its samples differ in shape: {exc}); pad every sample "
+                        "to one length (and give the padding in a mask input)") from None
+    if a.dtype == object:
+        raise SpecError(f"{what}: input {name!r} is ragged or holds Python objects (dtype object); store one "
+                        "numeric array with every sample padded to one length")
+    if a.ndim == 0:
+        raise SpecError(f"{what}: input {name!r} is a scalar, not an array of samples")
+    return a
+
+
+def check_inputs(raw: Mapping[str, object], y, inputs: list[InputSpec], what: str) -> Batch:
+    """Raw arrays for every model input, checked against `inputs`; returns them in the model's layout.
+
+    Refused with a SpecError naming the input: a missing input, ragged samples, float values for an integer or
+    bool input, a sample shape the declared shape does not take (a channels-last image batch is transposed,
+    as `to_model_layout` says), inputs with different sample counts (or a label count that differs), and
+    inputs that disagree on the size of a dynamic axis they share (`seq` of input_ids and attention_mask).
+    """
+    names = [i.name for i in inputs]
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise SpecError(f"{what} has no data for model input(s) {missing} (it holds {sorted(raw)}); model.inputs "
+                        f"names {names}")
+    out: Batch = {}
+    for spec in inputs:
+        a = _as_array(raw[spec.name], spec.name, what)
+        if not spec.is_float and not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_):
+            raise SpecError(f"{what}: input {spec.name!r} is declared {spec.dtype} but the data holds {a.dtype} "
+                            f"values: token ids, masks and other integer inputs must be stored as integers")
+        try:
+            if len(a.shape) != len(spec.shape) and not spec.is_float:
+                raise SpecError("no layout change for integer inputs")
+            a = to_model_layout(a, spec, f"{what}, input {spec.name!r}")
+        except SpecError:
+            raise SpecError(f"input {spec.name!r} expects samples of shape {list(spec.shape[1:])} but the data has "
+                            f"{list(a.shape[1:])} ({what}; a channels-last image batch is transposed, nothing else "
+                            "is changed): fix the data or model.inputs") from None
+        out[spec.name] = a
+    counts = {n: len(a) for n, a in out.items()}
+    if y is not None:
+        counts["y (labels)"] = len(y)
+    if len(set(counts.values())) > 1:
+        raise SpecError(f"{what}: inputs hold different numbers of samples: {counts}")
+    if not batch_size(out):
+        raise SpecError(f"{what} is empty")
+    shared: dict[str, dict[str, int]] = {}
+    for spec in inputs:
+        for axis, dim in spec.dynamic_axes.items():
+            if axis:
+                shared.setdefault(dim, {})[spec.name] = out[spec.name].shape[axis]
+    for dim, sizes in shared.items():
+        if len(set(sizes.values())) > 1:
+            raise SpecError(f"{what}: inputs that share the dynamic axis {dim!r} disagree on its size: {sizes}; "
+                            f"every input with {dim!r} in its shape must hold the same length per batch")
+    return out
+
+
+def load_raw_inputs(src: SplitSource, inputs: list[InputSpec]) -> tuple[Batch, np.ndarray | None]:
+    """Raw (unpreprocessed) samples of every model input, and the labels, of one split, checked (`check_inputs`).
+
+    Sources: an .npz with one array per model input name (a one-input model may name its array ``x``) and an
+    optional ``y``; an .npy or an image folder (one-input models); a loader returning ``(x, y)``, where x is a
+    dict {input name: array} (or one array for a one-input model) and y labels or None.
+    """
+    names = [i.name for i in inputs]
+    what = f"data split {src.path or src.loader}"
+    if src.kind == "loader":
+        out = load_object(src.loader)(**src.kwargs)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise SpecError(f"data loader {src.loader} must return (inputs, labels): inputs a dict {{input name: "
+                            f"array}} (or one array for a one-input model), labels an array or None; got "
+                            f"{type(out).__name__}")
+        x, y = out
+        if not isinstance(x, Mapping):
+            if len(names) > 1:
+                raise SpecError(f"data loader {src.loader} returned one array, but the model has inputs {names}: "
+                                "return a dict {input name: array}")
+            x = {names[0]: x}
+        y = None if y is None else _as_array(y, "y", what)
+        return check_inputs(x, y, inputs, what), y
+    if src.kind == "image_folder" or src.path.suffix == ".npy":
+        if len(names) > 1:
+            raise SpecError(f"{what}: an {'image folder' if src.kind == 'image_folder' else '.npy file'} holds one "
+                            f"input, but the model has inputs {names}: use an .npz with one array per input name")
+        x, y = load_raw(src)
+        return check_inputs({names[0]: x}, y, inputs, what), y
+    path = src.path
+    if not path.is_file():
+        raise SpecError(f"array file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = list(z.keys())
+            if len(names) == 1 and names[0] not in z and "x" in z:
+                raw = {names[0]: z["x"]}
+            else:
+                raw = {n: z[n] for n in names if n in z}
+            y = z["y"] if "y" in z else None
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise SpecError(f"array file {path} holds a ragged or object array, which edgeq does not unpickle: store "
+                            "one numeric array per input with every sample padded to one length") from None
+        raise SpecError(f"array file {path} cannot be read: {exc}") from None
+    if len(raw) < len(names):
+        missing = [n for n in names if n not in raw]
+        raise SpecError(f"array file {path} has no array for model input(s) {missing} (it holds {keys}): an .npz "
+                        f"holds one array per model input name ({names}), and optionally 'y'")
+    return check_inputs(raw, y, inputs, what), y
+
+
+def preprocess_inputs(raw: Mapping[str, np.ndarray], inputs: list[InputSpec], pp: Preprocess, *,
+                      preprocessed: bool = False, what: str = "samples") -> Batch:
+    """The model's input for each raw input: float inputs through their preprocessing (unless ``preprocessed``),
+    integer and bool inputs as their declared dtype."""
+    out = {}
+    for spec in inputs:
+        a = raw[spec.name]
+        own = input_preprocess(spec, pp)
+        if own is None:
+            out[spec.name] = a.astype(spec.dtype, copy=False)
+        elif preprocessed:
+            out[spec.name] = a.astype(np.float32, copy=False)
+        else:
+            check_raw(a, own, f"{what}, input {spec.name!r}")
+            out[spec.name] = preprocess(a, own)
+    return out
+
+
+def load_inputs(src: SplitSource, inputs: list[InputSpec], pp: Preprocess) -> tuple[Batch, np.ndarray | None]:
+    """The model's input for every named input of one split, and its labels (None when the split has none)."""
+    raw, y = load_raw_inputs(src, inputs)
+    return preprocess_inputs(raw, inputs, pp, preprocessed=src.preprocessed,
+                             what=f"data split {src.path or src.loader}"), y
 
 
 # ---------------------------------------------------------------- content identity
@@ -245,3 +405,49 @@ def split_content_ids(src: SplitSource, pp: Preprocess, spec: InputSpec, what: s
     """`content_ids` of a data split's samples, honouring its ``preprocessed`` flag."""
     raw, _ = load_raw(src)
     return content_ids(raw, pp, spec, made_with=pp if src.preprocessed else None, what=what)
+
+
+def batch_content_ids(batch: Mapping[str, np.ndarray], inputs: list[InputSpec], pp: Preprocess, *,
+                      made_with: Preprocess | None = None, what: str = "samples") -> list[str]:
+    """One content identity per sample over ALL of its inputs, for any modality.
+
+    A one-input float model keeps `content_ids` exactly (the image rule: the same picture however stored). With
+    integer inputs (token ids, masks) or several inputs, a sample's identity is the sha256 of each input's
+    canonical form, by input name: float inputs as `content_ids` puts them, integer and bool inputs as their
+    exact int64 values. Two samples are the same only when every input is; no perceptual rule applies.
+    ``made_with`` is the preprocessing that made float samples that are model input already.
+    """
+    def own(spec: InputSpec, p: Preprocess | None) -> Preprocess | None:
+        return None if p is None else input_preprocess(spec, p)
+
+    if len(inputs) == 1 and inputs[0].is_float:
+        spec = inputs[0]
+        return content_ids(batch[spec.name], own(spec, pp), spec, made_with=own(spec, made_with), what=what)
+    per_input: list[tuple[str, list[str]]] = []
+    for spec in inputs:
+        a = np.asarray(batch[spec.name])
+        if spec.is_float:
+            ids = content_ids(a, own(spec, pp), spec, made_with=own(spec, made_with),
+                              what=f"{what}, input {spec.name!r}")
+        else:
+            tag = f"{CONTENT_ID_SCHEME}-int{list(a.shape[1:])}".encode()
+            ids = []
+            for i in range(0, len(a), _CHUNK):
+                for s in np.asarray(a[i:i + _CHUNK], dtype=np.int64):
+                    h = hashlib.sha256(tag)
+                    h.update(np.ascontiguousarray(s).tobytes())
+                    ids.append(h.hexdigest())
+        per_input.append((spec.name, ids))
+    out = []
+    for parts in zip(*(ids for _, ids in per_input)):
+        h = hashlib.sha256(f"{CONTENT_ID_SCHEME}-inputs".encode())
+        for (name, _), part in zip(per_input, parts):
+            h.update(f"|{name}={part}".encode())
+        out.append(h.hexdigest())
+    return out
+
+
+def split_batch_content_ids(src: SplitSource, inputs: list[InputSpec], pp: Preprocess, what: str) -> list[str]:
+    """`batch_content_ids` of a data split's samples, honouring its ``preprocessed`` flag."""
+    raw, _ = load_raw_inputs(src, inputs)
+    return batch_content_ids(raw, inputs, pp, made_with=pp if src.preprocessed else None, what=what)

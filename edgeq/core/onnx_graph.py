@@ -3,6 +3,7 @@ QDQ graph's output quantization step."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -99,6 +100,64 @@ def iter_nodes(model) -> Iterator[Any]:
         yield from walk(f.node)
 
 
+def _graphs(model) -> list[Any]:
+    """The main graph and every If/Loop/Scan body inside it (one value namespace; functions have their own)."""
+    import onnx
+
+    out, todo = [], [model.graph]
+    while todo:
+        g = todo.pop()
+        out.append(g)
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    todo.append(attr.g)
+                todo.extend(attr.graphs)
+    return out
+
+
+def rename_outputs(model, names: Mapping[str, str]) -> list[str]:
+    """Rename graph outputs (old -> new) in place, everywhere the values are used. A value that already carries a
+    new name (an exporter names internal values after ops and modules: `embedding`) is renamed away first, so the
+    user's output names are kept exactly and never collide. Returns notes on what was renamed away."""
+    graphs = _graphs(model)
+
+    def every_name() -> set[str]:
+        taken = set()
+        for g in graphs:
+            for n in g.node:
+                taken.update(n.input)
+                taken.update(n.output)
+            taken.update(v.name for v in (*g.input, *g.output, *g.value_info, *g.initializer))
+        return taken
+
+    def rename(old: str, new: str) -> None:
+        for g in graphs:
+            for n in g.node:
+                for seq in (n.input, n.output):
+                    for i, v in enumerate(seq):
+                        if v == old:
+                            seq[i] = new
+            for v in (*g.input, *g.output, *g.value_info, *g.initializer):
+                if v.name == old:
+                    v.name = new
+
+    notes = []
+    for old, new in names.items():
+        if old == new:
+            continue
+        taken = every_name()
+        if new in taken:
+            k, fresh = 0, f"{new}_internal"
+            while fresh in taken:
+                k += 1
+                fresh = f"{new}_internal_{k}"
+            rename(new, fresh)
+            notes.append(f"an internal value named {new!r} was renamed {fresh!r} so the output keeps its name")
+        rename(old, new)
+    return notes
+
+
 def node_label(node) -> str:
     return node.name or (node.output[0] if node.output else node.op_type)
 
@@ -123,27 +182,39 @@ def onnx_precision(model) -> str:
     return "f16" if 10 in kinds and 1 not in kinds else "f32"
 
 
-def make_feeds(inputs: list[TensorMeta], dims: dict[str, int] | None = None, samples: np.ndarray | None = None,
-               seed: int = 0, samples_hint: str = "") -> dict[str, np.ndarray]:
-    """Feeds for every input: real `samples` for the first input, random normal floats, zero integers.
+def make_feeds(inputs: list[TensorMeta], dims: dict[str, int] | None = None,
+               samples: Mapping[str, np.ndarray] | np.ndarray | None = None, seed: int = 0,
+               samples_hint: str = "") -> dict[str, np.ndarray]:
+    """Feeds for every input: real `samples` where given ({input name: array}; one array is the first input's),
+    random normal floats and zero integers for inputs without samples (smoke runs and benchmarks only: a gate
+    feeds real samples to every input).
 
-    A dynamic dimension takes its size from `dims` (1 when it is not there). `samples` are repeated along the
-    batch axis to fill it; their other dimensions must match the input's (a SpecError naming both shapes,
-    with `samples_hint` saying which setting to compare, otherwise).
+    A dynamic dimension takes its size from `dims` (1 when it is not there). Real samples are repeated along the
+    batch axis to fill it, and cut to the asked size along other dynamic axes (a shorter sequence: every input
+    that shares the axis is cut alike); their static dimensions must match the input's (a SpecError naming both
+    shapes, with `samples_hint` saying which setting to compare, otherwise).
     """
     rng = np.random.default_rng(seed)
     dims = dims or {}
+    if samples is not None and not isinstance(samples, Mapping):
+        samples = {inputs[0].name: samples}
+    samples = samples or {}
     feeds = {}
-    for i, m in enumerate(inputs):
+    for m in inputs:
         shape = tuple(d if isinstance(d, int) else dims.get(d, 1) for d in m.shape)
         dt = np.dtype(m.dtype)
-        if i == 0 and samples is not None:
-            if samples.shape[1:] != shape[1:]:
+        a = samples.get(m.name)
+        if a is not None:
+            a = np.asarray(a)
+            ok = a.ndim == len(shape) and all(isinstance(d, str) and a.shape[ax] >= shape[ax] or a.shape[ax] == shape[ax]
+                                              for ax, d in enumerate(m.shape) if ax)
+            if not ok:
                 raise SpecError(
-                    f"input {m.name!r} expects samples of shape {list(m.shape[1:])} "
-                    f"but the data has {list(samples.shape[1:])}" + (f" ({samples_hint})" if samples_hint else ""))
-            reps = int(np.ceil(shape[0] / len(samples)))
-            feeds[m.name] = np.concatenate([samples] * reps)[: shape[0]].astype(dt)
+                    f"input {m.name!r} expects samples of shape {list(m.shape[1:])} (sizes {list(shape[1:])} here) "
+                    f"but the data has {list(a.shape[1:])}" + (f" ({samples_hint})" if samples_hint else ""))
+            a = a[(slice(None), *(slice(0, n) for n in shape[1:]))]
+            reps = int(np.ceil(shape[0] / len(a)))
+            feeds[m.name] = np.concatenate([a] * reps)[: shape[0]].astype(dt)
         elif np.issubdtype(dt, np.floating):
             feeds[m.name] = rng.standard_normal(shape).astype(dt)
         else:

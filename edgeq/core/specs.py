@@ -66,12 +66,23 @@ class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Preprocess(Spec):
+    """What the model sees: x = (raw * scale - mean) / std, per channel when lists."""
+
+    scale: float = 1.0
+    mean: float | list[float] = 0.0
+    std: float | list[float] = 1.0
+
+
 class InputSpec(Spec):
     """One named model input; a string dimension is dynamic and named (`batch`, `seq`)."""
 
     name: str
     shape: list[int | str] = Field(description="e.g. [batch, 1, 8, 8]; names mark dynamic axes")
     dtype: Literal["float32", "float16", "int64", "int32", "uint8", "bool"] = "float32"
+    preprocess: Preprocess | None = Field(
+        None, description="this input's preprocessing (a float input only); default: data.preprocess for float "
+                          "inputs. Integer and bool inputs (token ids, masks) are never preprocessed")
 
     @field_validator("shape")
     @classmethod
@@ -82,6 +93,17 @@ class InputSpec(Spec):
             if isinstance(d, str) and not d.isidentifier():
                 raise ValueError(f"dynamic dimension name {d!r} must be an identifier like 'batch'")
         return v
+
+    @model_validator(mode="after")
+    def _preprocess_floats_only(self) -> "InputSpec":
+        if self.preprocess is not None and not self.is_float:
+            raise ValueError(f"input {self.name!r} is {self.dtype}: only float inputs are preprocessed (token ids and "
+                             "masks are fed as they are); remove its 'preprocess'")
+        return self
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in ("float32", "float16")
 
     @property
     def dynamic_axes(self) -> dict[int, str]:
@@ -141,21 +163,17 @@ class TargetSpec(Spec):
     threads: int | None = Field(None, ge=1, description="inference threads; default: every CPU this process may use")
 
 
-class Preprocess(Spec):
-    """What the model sees: x = (raw * scale - mean) / std, per channel when lists."""
-
-    scale: float = 1.0
-    mean: float | list[float] = 0.0
-    std: float | list[float] = 1.0
-
-
 class SplitSource(Spec):
     """Where one data split comes from."""
 
     kind: Literal["arrays", "image_folder", "loader"]
-    path: RelPath | None = Field(None, description="arrays: .npz (x, y); image_folder: the folder")
+    path: RelPath | None = Field(
+        None, description="arrays: .npz with one array per model input name (a one-input model may call it x) and "
+                          "optional labels y, or a one-input .npy; image_folder: the folder (one-input models)")
     labels: RelPath | None = Field(None, description="image_folder: CSV/Parquet with columns path,label")
-    loader: ImportPath | None = Field(None, description="loader: function returning (x, y) arrays")
+    loader: ImportPath | None = Field(
+        None, description="loader: function returning (inputs, labels): inputs a dict {input name: array} (one "
+                          "array for a one-input model), labels an array or None")
     kwargs: dict[str, Any] = Field(default_factory=dict)
     preprocessed: bool = Field(
         False, description="the samples are the model's input already (data.preprocess applied): used as they are, "

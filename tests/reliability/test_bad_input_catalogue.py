@@ -208,6 +208,30 @@ def empty_split(c):
                                                                                     "path": str(empty)}))))
 
 
+def token_export(change: Callable[[dict], dict]):
+    """Export of the two-input token encoder (tests/multi_input_models.py) whose test split is `change`d."""
+    def run(c):
+        from edgeq.tasks.config import load_prepared
+        from edgeq.tasks.export import export_to_store
+        from tests.multi_input_models import TinyEncoder, save_weights, token_config, write_token_splits
+
+        paths = write_token_splits(c.tmp / "tokens", sizes={"train": 20, "validation": 20, "test": 20, "pool": 20})
+        z = dict(np.load(paths["test"]))
+        np.savez(paths["test"], **change(z))
+        weights = save_weights(TinyEncoder(), c.tmp / "tokens" / "w.safetensors")
+        path = c.tmp / "tokens.yaml"
+        path.write_text(yaml.safe_dump(token_config(c.tmp, weights, paths, store=str(c.store))))
+        return export_to_store(load_prepared(path))
+    return run
+
+
+def _ragged(z: dict) -> dict:
+    rows = [r[: int(m.sum())] for r, m in zip(z["input_ids"], z["attention_mask"])]
+    ragged = np.empty(len(rows), dtype=object)
+    ragged[:] = rows
+    return {**z, "input_ids": ragged}
+
+
 def tampered_read(c):
     from edgeq.core.store import ArtifactStore
 
@@ -383,6 +407,20 @@ CASES = [
          r"dynamic-shape probe: input 'image' axis 0 \('batch'\) at size 1: output 'aux': PyTorch has 1 non-finite "
          r"value\(s\) \(NaN/Inf\)"),
     # --- compile check (tests/backends/test_declared_and_bad_input.py)
+    Case("export-token-split-lacking-an-input (NEW)",
+         token_export(lambda z: {k: v for k, v in z.items() if k != "attention_mask"}), SpecError,
+         r"array file .*test.npz has no array for model input\(s\) \['attention_mask'\]"),
+    Case("export-token-ids-stored-as-floats (NEW)",
+         token_export(lambda z: {**z, "input_ids": z["input_ids"].astype(np.float32)}), SpecError,
+         r"input 'input_ids' is declared int64 but the data holds float32 values"),
+    Case("export-token-inputs-disagree-on-seq (NEW)",
+         token_export(lambda z: {**z, "attention_mask": z["attention_mask"][:, :8]}), SpecError,
+         r"inputs that share the dynamic axis 'seq' disagree on its size: \{'input_ids': 12, 'attention_mask': 8\}"),
+    Case("export-token-ragged-ids (NEW)", token_export(_ragged), SpecError,
+         r"array file .*test.npz holds a ragged or object array"),
+    Case("export-token-all-zero-masks (NEW)",
+         token_export(lambda z: {**z, "attention_mask": np.zeros_like(z["attention_mask"])}), GateError,
+         r"parity gate: the parity samples are degenerate .* output 'embedding' is the same for all 16 samples"),
     Case("check-truncated-onnx", check({"name": "t", "backend": "onnxruntime"}, truncated_onnx), ModelFileError,
          r"truncated.onnx is not a readable ONNX model \(truncated or corrupt file\?\)"),
     Case("check-onnx-external-data-outside-its-folder (NEW)",
