@@ -7,6 +7,11 @@ Quantization uses::
     quantize_static(..., calibration_data_reader=reader)    # ONNX Runtime
     nncf.quantize(model, reader.as_nncf_dataset())          # NNCF
 
+The reader yields every input the version holds, `{input name: array[1, ...]}` per item, each in the dtype its
+record declares (`CalibrationVersion.inputs`: names, dtypes, per-sample shapes): a token model's `input_ids` and
+`attention_mask` as int64, an image model's preprocessed float32 pixels. Records of an older edgeq (one input, no
+`inputs`) read as before.
+
 A candidate or rejected version raises `NotApproved`; an unknown one `VersionNotFound`.
 """
 

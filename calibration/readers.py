@@ -1,8 +1,8 @@
 """Samples fed to a model one at a time: an ONNX Runtime `CalibrationDataReader` that is also an `nncf.Dataset` source.
 
 One reader type serves quantization (ORT's `quantize_static`, NNCF), the sensitivity table and validation's
-localization. It wraps an approved calibration version (`open_calibration`: the preprocessed samples memory-mapped
-from the verified store object, so the data is never held twice) or plain arrays (validation data, a training split,
+localization. It wraps an approved calibration version (`open_calibration`: every input's samples memory-mapped
+from the verified store objects, so the data is never held twice) or plain arrays (validation data, a training split,
 a test's stand-in).
 """
 
@@ -16,6 +16,9 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from edgeq.calibration.ingest import open_npy
 from edgeq.calibration.versions import CalibrationVersion, get_approved
+from edgeq.core.data import batch_content_ids
+from edgeq.core.errors import CalibrationError
+from edgeq.core.specs import InputSpec, Preprocess
 from edgeq.core.store import ArtifactStore
 
 # What an input is fed as when the caller declares nothing: calibration versions store preprocessed float32 samples.
@@ -94,16 +97,61 @@ class CalibrationReader(CalibrationDataReader):
         return nncf.Dataset(self, transform_fn)
 
 
+def version_inputs(store: ArtifactStore, record: CalibrationVersion) -> dict[str, np.ndarray]:
+    """Every input a version holds, `{name: samples}`, memory-mapped from the verified store objects (not copied).
+
+    An older one-input record (no `inputs`) gives its one array under `input_name`.
+    """
+    out = {}
+    for rec in record.input_records():
+        ref = record.artifacts.get(rec.artifact)
+        if ref is None:
+            raise CalibrationError(f"calibration version {record.version} lists input {rec.name!r} but holds no "
+                                   f"artifact {rec.artifact!r} (it holds {sorted(record.artifacts)})")
+        out[rec.name] = open_npy(store.local_path(ref))
+    return out
+
+
+def version_content_ids(store: ArtifactStore, record: CalibrationVersion, inputs: list[InputSpec],
+                        pp: Preprocess) -> list[str]:
+    """The content identity of each sample of a version, over all of its inputs (`batch_content_ids`), as the model
+    with `inputs` and `data.preprocess` `pp` sees it: what validation compares with the test split's.
+
+    Raises:
+        CalibrationError: the version holds other inputs than the model takes.
+    """
+    held = record.input_names
+    names = [i.name for i in inputs]
+    if sorted(held) != sorted(names):
+        raise CalibrationError(f"calibration version {record.version} holds inputs {held}, but the model takes {names}: "
+                               f"it was built for another model; rebuild it (`edgeq calibrate CONFIG`)")
+    return batch_content_ids(version_inputs(store, record), inputs, pp, made_with=Preprocess(**record.preprocess),
+                             what=f"calibration version {record.version}")
+
+
 def open_calibration(store: ArtifactStore | str, version: str = "latest", model: str | None = None,
-                     input_name: str | None = None, dtype: DTypeLike = DEFAULT_DTYPE) -> CalibrationReader:
+                     input_name: str | None = None, dtype: DTypeLike | None = None) -> CalibrationReader:
     """The approved calibration version `version` (an id, or "latest" approved for `model`) as a reader.
 
-    Its samples feed `input_name` (default: the input the version was built for) as `dtype`.
+    The reader yields EVERY input the version holds, `{name: array[1, ...]}` per item, each as the dtype its record
+    declares (the model's `inputs[].dtype`: int64 token ids and masks stay int64). For a one-input version,
+    `input_name` renames its input and `dtype` overrides its dtype (the defaults: the version's own). For a version
+    of several inputs, `input_name`, when given, must be one of them (every input is fed either way) and `dtype` is
+    not used: each input keeps its declared dtype.
 
     Raises:
         NotApproved / VersionNotFound (both `CalibrationError`): a candidate, rejected or unknown version.
+        CalibrationError: `input_name` is not an input of a version of several inputs.
     """
     store = store if isinstance(store, ArtifactStore) else ArtifactStore(store)
     record = get_approved(store, version, model=model)
-    name = input_name or record.input_name
-    return CalibrationReader({name: open_npy(store.local_path(record.artifacts["samples"]))}, {name: dtype}, record)
+    recs = record.input_records()
+    arrays = version_inputs(store, record)
+    if len(recs) == 1:
+        name = input_name or recs[0].name
+        return CalibrationReader({name: arrays[recs[0].name]}, {name: dtype or recs[0].dtype}, record)
+    if input_name is not None and input_name not in arrays:
+        raise CalibrationError(f"calibration version {record.version} holds inputs {list(arrays)}, not "
+                               f"{input_name!r}: it was built for another model's inputs; rebuild it "
+                               f"(`edgeq calibrate CONFIG`)")
+    return CalibrationReader(arrays, {r.name: r.dtype for r in recs}, record)

@@ -99,10 +99,13 @@ def _span(pixels: np.ndarray) -> float:
     return float(max(np.ptp(pixels), 1e-6)) if pixels.size else 1.0
 
 
-def dedupe(table: pd.DataFrame, pixels: np.ndarray) -> pd.DataFrame:
-    """Mark exact duplicates (same pixel hash) and near-duplicates (same perceptual hash, near-identical pixels).
+def dedupe(table: pd.DataFrame, pixels: np.ndarray | None, near: bool = True) -> pd.DataFrame:
+    """Mark exact duplicates (same ``sha256``) and near-duplicates (same perceptual hash, near-identical pixels).
 
-    The earliest capture (by ``captured_at`` when present, else table order) is kept.
+    The earliest capture (by ``captured_at`` when present, else table order) is kept. Image captures: ``sha256`` is
+    the pixel hash, and `near` looks for near-duplicates in `pixels`. Any other captures (``near=False``, `pixels`
+    not used): ``sha256`` is the exact content identity over all of a sample's inputs, and no perceptual rule applies
+    (a perceptual hash of token ids or audio frames would call distinct samples the same).
     """
     ok = np.flatnonzero(usable(table))
     order = ok
@@ -116,11 +119,13 @@ def dedupe(table: pd.DataFrame, pixels: np.ndarray) -> pd.DataFrame:
         h = table.at[r, "sha256"]
         if h in first_of:
             exact_rows.append(r)
-            exact_detail.append(f"same pixels as {ids[first_of[h]]}")
+            exact_detail.append(f"same {'pixels' if near else 'content (every input)'} as {ids[first_of[h]]}")
         else:
             first_of[h] = r
             survivors.append(r)
     out = _mark(table, exact_rows, "duplicate", exact_detail)
+    if not near:
+        return out
 
     span = _span(pixels)
     buckets: dict[int, list[tuple[int, np.ndarray]]] = defaultdict(list)

@@ -44,13 +44,24 @@ class Review(BaseModel):
     timed_out_at: str | None = None
 
 
+class VersionInput(BaseModel):
+    """One model input a version holds: its samples as the model takes them (float inputs preprocessed)."""
+
+    name: str
+    dtype: str = Field(description="the dtype the samples are stored and fed as (the model's declared dtype)")
+    shape: list[int] = Field(description="per-sample shape (after the batch axis)")
+    artifact: str = Field(description="key in the version's `artifacts` of this input's samples (.npy)")
+    preprocess: dict[str, Any] | None = Field(
+        None, description="the preprocessing that made a float input's samples; None for integer/bool inputs")
+
+
 class CalibrationVersion(BaseModel):
     version: str
     status: Status = "candidate"
     created_at: str
     model: str
-    input_name: str
-    sample_shape: list[int]
+    input_name: str = Field(description="the first (for a one-input version: the only) input; see `inputs`")
+    sample_shape: list[int] = Field(description="per-sample shape of `input_name`; see `inputs`")
     size: int
     source: dict[str, Any]
     preprocess: dict[str, Any]
@@ -67,9 +78,25 @@ class CalibrationVersion(BaseModel):
     review: Review = Review()
     decision: Decision | None = None
     content_sha256: str = Field("", description="sha256 of the immutable content (all but status/review/decision)")
+    inputs: list[VersionInput] | None = Field(
+        None, description="every model input the version holds (name, dtype, per-sample shape, artifact); None in "
+                          "records of an older edgeq, which hold one float32 input (`input_name`, artifact 'samples')")
 
     def content_hash(self) -> str:
-        return sha256_json(self.model_dump(mode="json", exclude=_UNSEALED))
+        # A record written before `inputs` existed is sealed without it: leave it out so its seal still holds.
+        exclude = _UNSEALED | ({"inputs"} if self.inputs is None else set())
+        return sha256_json(self.model_dump(mode="json", exclude=exclude))
+
+    def input_records(self) -> list[VersionInput]:
+        """The inputs this version holds; an older one-input record's as it was written (float32, 'samples')."""
+        if self.inputs is not None:
+            return list(self.inputs)
+        return [VersionInput(name=self.input_name, dtype="float32", shape=list(self.sample_shape), artifact="samples",
+                             preprocess=self.preprocess)]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.input_records()]
 
 
 # The parts of a record that change after it is written; everything else is sealed by content_sha256.

@@ -10,6 +10,13 @@ Same held-out samples, same metric, for every stage; each adjacent pair is gated
                               step (OpenVINO rounds half away from zero, ONNX Runtime half to even), so
                               bit equality would be the wrong gate. The device stage must be another
                               runtime or device than the ONNX INT8 row, or the gate is reported as not run.
+
+Every stage feeds all of the model's named inputs (a Batch, `{input name: array}`) and runs all of its outputs.
+The metric scores the first output (`metric_output`); export parity and device agreement hold EVERY output against
+its tolerance, one gate row per output. The top-1 clause applies to a classifier's output (metric `top1`, the first
+output); for any other output (an embedding, a box regressor) it reads "n/a: not a classifier" and the max-abs clause
+alone gates. An embedder (`cosine`, scored against the FP32 PyTorch outputs) also reports retrieval agreement
+(overlap of the 10 nearest neighbours with FP32) per stage.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import io
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,14 +36,15 @@ from pydantic import BaseModel, Field
 
 from edgeq.backends import benchmark, get_backend, known_backends
 from edgeq.calibration.readers import CalibrationReader
-from edgeq.core.compare import OutputComparison, Tolerance, compare_output, step_tolerance
+from edgeq.core.compare import OutputComparison, Tolerance, compare_output, min_cosine, step_tolerance
+from edgeq.core.data import batch_size, take
 from edgeq.core.errors import GateError, SpecError
-from edgeq.core.metrics import score
+from edgeq.core.metrics import extra_metrics, score
 from edgeq.core.onnx_graph import OutputStep, load_onnx, output_step
 from edgeq.core.quiet import muted_output
 from edgeq.core.specs import EdgeqConfig, TargetSpec
 from edgeq.export import export_onnx, make_inputs, run_onnx
-from edgeq.quantization.ptq import preprocess_model
+from edgeq.quantization.ptq import as_batch, preprocess_model
 from edgeq.quantization.sensitivity import sensitivity_table
 
 
@@ -47,11 +56,13 @@ class StageRow(BaseModel):
     samples: int
     latency_ms: float | None = None
     precision: str = ""
+    extra_metrics: dict[str, float] = Field(default_factory=dict)  # e.g. retrieval overlap@10 with FP32 (embedders)
 
 
 class GateRow(BaseModel):
     gate: str
     pair: str
+    output: str = ""  # the model output this row compares (parity and device agreement: one row per output)
     measured: str
     threshold: str
     passed: bool
@@ -75,6 +86,8 @@ class ValidationReport(BaseModel):
     model: str
     metric_name: str
     samples: int
+    metric_output: str = ""  # the output the metric scores (the model's first)
+    outputs: list[str] = Field(default_factory=list)  # every output compared
     calibration_version: str
     device_target: str
     stages: list[StageRow]
@@ -108,38 +121,67 @@ def check_disjoint(test_ids: list[str], calibration_ids: set[str], version: str)
 
 
 # ---------------------------------------------------------------- runners
-def run_torch_batched(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+def _torch_outputs(model: torch.nn.Module, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    out = model(*[torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()])
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    return [o.detach().numpy() for o in outs]
+
+
+def run_torch_batched(model: torch.nn.Module, x: Mapping[str, np.ndarray] | np.ndarray,
+                      outputs: Sequence[str] | None = None) -> dict[str, np.ndarray] | np.ndarray:
+    """The PyTorch model over a Batch (every input, in the model's input order) in chunks of 256: {output name:
+    array} for `outputs` (the model's outputs in order). One array in: the first output's array out."""
+    if not isinstance(x, Mapping):
+        return run_torch_batched(model, {"x": x}, ["y"])["y"]
+    n = batch_size(x)
+    parts: list[list[np.ndarray]] = []
     with torch.no_grad():
-        return np.concatenate([model(torch.from_numpy(x[i:i + 256])).numpy() for i in range(0, len(x), 256)])
+        for i in range(0, n, 256):
+            parts.append(_torch_outputs(model, take(x, slice(i, i + 256))))
+    names = list(outputs) if outputs is not None else [str(j) for j in range(len(parts[0]))]
+    if len(parts[0]) != len(names):
+        raise SpecError(f"the PyTorch model returns {len(parts[0])} output(s) but model.outputs names {len(names)} "
+                        f"({names})")
+    return {name: np.concatenate([p[j] for p in parts]) for j, name in enumerate(names)}
 
 
-def torch_latency(model: torch.nn.Module, sample: np.ndarray, iters: int) -> float:
-    t = torch.from_numpy(sample[None])
+def torch_latency(model: torch.nn.Module, sample: Mapping[str, np.ndarray] | np.ndarray, iters: int) -> float:
+    """Batch-1 latency of the PyTorch model: `sample` is batch-1 feeds of every input, or one sample (no batch
+    axis) of a one-input model."""
+    feeds = dict(sample) if isinstance(sample, Mapping) else {"x": sample[None]}
+    ts = [torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()]
     with torch.no_grad():
         for _ in range(max(5, iters // 10)):
-            model(t)
+            model(*ts)
         times = []
         for _ in range(iters):
             t0 = time.perf_counter()
-            model(t)
+            model(*ts)
             times.append((time.perf_counter() - t0) * 1e3)
     return float(np.median(times))
 
 
-def run_target(path: Path, target: TargetSpec, x: np.ndarray, input_name: str, output_name: str,
-               iters: int) -> tuple[np.ndarray, float, str]:
-    """Outputs sample by sample (static batch 1), batch-1 latency, and the precision that really ran."""
+def _batch1(x: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.ascontiguousarray(v[:1]) for k, v in x.items()}
+
+
+def run_target(path: Path, target: TargetSpec, x: Mapping[str, np.ndarray], outputs: Sequence[str],
+               iters: int) -> tuple[dict[str, np.ndarray], float, str]:
+    """Every output ({name: array}) over the Batch `x` (every input fed; sample by sample on a static batch-1
+    form), the batch-1 latency on a real sample, and the precision that really ran. An output the target does not
+    return is absent from the dict (the comparison names it)."""
     backend = get_backend(target.backend)
     ok, why = backend.availability(target.device)
     if not ok:
         raise SpecError(f"device target {target.name} is unavailable: {why}")
     with backend.runner(path, target) as runner:
         if target.batch == "dynamic":  # one call for the whole split (a remote device pays per call)
-            outs = [runner.infer({input_name: x})[output_name]]
+            results = [runner.infer(dict(x))]
         else:
-            outs = [runner.infer({input_name: x[i:i + 1]})[output_name] for i in range(len(x))]
-        lat = benchmark(runner, {input_name: x[:1]}, warmup=max(5, iters // 10), iters=iters)
-    return np.concatenate(outs), lat.median_ms, lat.precision
+            results = [runner.infer(take(x, slice(i, i + 1))) for i in range(batch_size(x))]
+        lat = benchmark(runner, _batch1(x), warmup=max(5, iters // 10), iters=iters)
+    outs = {name: np.concatenate([r[name] for r in results]) for name in outputs if all(name in r for r in results)}
+    return outs, lat.median_ms, lat.precision
 
 
 def pick_device_target(cfg: EdgeqConfig) -> TargetSpec:
@@ -182,19 +224,31 @@ def check_device_stage(cfg: EdgeqConfig) -> TargetSpec:
 
 
 # ---------------------------------------------------------------- localization
-def _all_activations(path: Path, x: np.ndarray, input_name: str) -> dict[str, np.ndarray]:
+def _feeds(x: Mapping[str, np.ndarray] | np.ndarray, input_name: str | None) -> dict[str, np.ndarray]:
+    if isinstance(x, Mapping):
+        return dict(x)
+    if input_name is None:
+        raise TypeError("one array of samples needs its input name")
+    return {input_name: x}
+
+
+def _all_activations(path: Path, x: Mapping[str, np.ndarray] | np.ndarray,
+                     input_name: str | None = None) -> dict[str, np.ndarray]:
+    """Every intermediate tensor of the model at `path` over the samples of every input (a Batch)."""
     from onnxruntime.quantization.qdq_loss_debug import collect_activations, modify_model_output_intermediate_tensors
 
-
+    feeds = _feeds(x, input_name)
     with tempfile.TemporaryDirectory() as tmp, muted_output():
         aug = Path(tmp) / "aug.onnx"
         modify_model_output_intermediate_tensors(str(path), str(aug))
-        acts = collect_activations(str(aug), CalibrationReader({input_name: x}))
+        acts = collect_activations(str(aug), CalibrationReader(feeds, {k: v.dtype for k, v in feeds.items()}))
     return {k: np.concatenate(v) for k, v in acts.items()}
 
 
-def first_departing_node(reference: Path, candidate: Path, x: np.ndarray, input_name: str, atol: float) -> list[dict[str, Any]]:
-    """Walk the reference graph in order; the first node whose output differs in `candidate` beyond `atol`."""
+def first_departing_node(reference: Path, candidate: Path, x: Mapping[str, np.ndarray] | np.ndarray,
+                         input_name: str | None, atol: float) -> list[dict[str, Any]]:
+    """Walk the reference graph in order; the first node whose output differs in `candidate` beyond `atol`, both
+    run on the samples of every input (`x` a Batch; one array feeds `input_name`)."""
     ref_acts = _all_activations(reference, x, input_name)
     cand_acts = _all_activations(candidate, x, input_name)
     graph = onnx.load(str(reference), load_external_data=False).graph
@@ -211,7 +265,8 @@ def first_departing_node(reference: Path, candidate: Path, x: np.ndarray, input_
                                   "(graphs may differ in structure)"}]
 
 
-def fresh_reference_export(cfg: EdgeqConfig, model: torch.nn.Module, x: np.ndarray, opset: int, out: Path) -> Path:
+def fresh_reference_export(cfg: EdgeqConfig, model: torch.nn.Module, x: Mapping[str, np.ndarray] | np.ndarray,
+                           opset: int, out: Path) -> Path:
     export_onnx(model, cfg.model, opset, make_inputs(cfg.model, cfg.model.example_dims, x), out)
     return out
 
@@ -226,12 +281,15 @@ def tolerance_source(step: OutputStep, steps: float, floor: float) -> str:
     return f"{step.source} ({step.step:.3g})"
 
 
-def agreement_text(c: OutputComparison, reference: str) -> str:
-    """What an agreement gate measured: both clauses, each of which can fail alone."""
+def agreement_text(c: OutputComparison, reference: str, classifier: bool = True) -> str:
+    """What an agreement gate measured: both clauses, each of which can fail alone (the top-1 clause only for a
+    classifier's output)."""
     text = f"max abs diff {c.max_abs_diff:.3g}"
     if c.steps is not None:
         text += f" ({c.steps:.1f} output steps)"
-    if c.confident_samples is not None:
+    if not classifier:
+        text += ", top-1 agreement n/a: not a classifier"
+    elif c.confident_samples is not None:
         agree = "n/a" if c.confident_top1_agreement is None else f"{c.confident_top1_agreement:.4f}"
         text += (f", top-1 agreement {agree} on {c.confident_samples} confident samples ({reference} top-1 margin > "
                  f"{c.tolerance:.3g})")
@@ -242,104 +300,159 @@ def agreement_text(c: OutputComparison, reference: str) -> str:
 
 # ---------------------------------------------------------------- the stage
 def validate_four_way(cfg: EdgeqConfig, model: torch.nn.Module, fp32_onnx: Path, int8_onnx: Path,
-                      test: tuple[np.ndarray, np.ndarray | None], calib: np.ndarray | None,
+                      test: tuple[Mapping[str, np.ndarray] | np.ndarray, np.ndarray | None],
+                      calib: Mapping[str, np.ndarray] | np.ndarray | None,
                       calibration_version: str, opset: int) -> ValidationReport:
-    """Run the four stages and every gate; returns the report (check `.passed`)."""
+    """Run the four stages and every gate; returns the report (check `.passed`).
+
+    `test` is (Batch of every model input, labels or None) and `calib` the calibration version's samples (a Batch);
+    one array stands for the only input of a one-input model.
+    """
     spec, th = cfg.model, cfg.thresholds
-    inp, outn = spec.inputs[0].name, spec.outputs[0]
-    x, y = test
+    outputs = list(spec.outputs)
+    outn = outputs[0]  # the metric's output
+    many = len(outputs) > 1
+    x, y = as_batch(test[0], spec.inputs), test[1]
+    n = batch_size(x)
+    calib_b = None if calib is None else as_batch(calib, spec.inputs)
     iters = cfg.validation.latency_iters
     device = pick_device_target(cfg)
     dependent = not_independent(device)
     ort_cpu = TargetSpec(name="onnxruntime-cpu", backend="onnxruntime", batch="dynamic")
 
-    pt = run_torch_batched(model, x)
-    reference = pt if spec.metric == "cosine" else None
-    o32 = run_onnx(fp32_onnx, {inp: x}, outputs=[outn])[outn]
-    o8 = run_onnx(int8_onnx, {inp: x}, outputs=[outn])[outn]
-    dev, dev_ms, dev_prec = run_target(int8_onnx, device, x, inp, outn, iters)
+    def classifier(name: str) -> bool:
+        """The top-1 clause applies to a classifier's output: the metric's output when the metric is top-1."""
+        return spec.metric == "top1" and name == outn
+
+    def titled(name: str, text: str) -> str:
+        return f"output {name!r}: {text}" if many else text
+
+    pt = run_torch_batched(model, x, outputs)
+    reference = pt[outn] if spec.metric in ("cosine", "retrieval") else None
+    o32 = run_onnx(fp32_onnx, x, outputs=outputs)
+    o8 = run_onnx(int8_onnx, x, outputs=outputs)
+    dev, dev_ms, dev_prec = run_target(int8_onnx, device, x, outputs, iters)
     # Before anything reads the device's outputs: scoring or comparing another shape would broadcast it.
-    shape = compare_output(outn, o8, dev, Tolerance.measure_only(), labels=("ONNX INT8", "device INT8"))
-    if shape.max_abs_diff is None:
-        raise GateError(f"device agreement refused on target {device.name!r}: {shape.error}; a device output of "
-                        "another shape is refused, never broadcast: the device must return one row per input sample, "
-                        "shaped like the model's output")
+    for name in outputs:
+        if name not in dev:
+            raise GateError(f"device agreement refused on target {device.name!r}: output {name!r} is missing from the "
+                            "device INT8 outputs: the device must return every model output")
+        shape = compare_output(name, o8[name], dev[name], Tolerance.measure_only(), labels=("ONNX INT8", "device INT8"))
+        if shape.max_abs_diff is None:
+            raise GateError(f"device agreement refused on target {device.name!r}: {shape.error}; a device output of "
+                            "another shape is refused, never broadcast: the device must return one row per input "
+                            "sample, shaped like the model's output")
     lat = {}
     for name, path in (("ONNX FP32", fp32_onnx), ("ONNX INT8", int8_onnx)):
         with get_backend("onnxruntime").runner(path, ort_cpu) as r:
-            lat[name] = benchmark(r, {inp: x[:1]}, warmup=max(5, iters // 10), iters=iters).median_ms
+            lat[name] = benchmark(r, _batch1(x), warmup=max(5, iters // 10), iters=iters).median_ms
     stages = []
     for stage, runtime, out, ms, prec in (
-        ("PyTorch FP32", f"torch {torch.__version__}", pt, torch_latency(model, x[0], iters), "fp32"),
+        ("PyTorch FP32", f"torch {torch.__version__}", pt, torch_latency(model, _batch1(x), iters), "fp32"),
         ("ONNX FP32", "onnxruntime CPU", o32, lat["ONNX FP32"], "fp32"),
         ("ONNX INT8", "onnxruntime CPU", o8, lat["ONNX INT8"], "int8"),
         ("device INT8", f"{device.backend} {device.device} ({device.name}" + (", not independent)" if dependent else ")"),
          dev, dev_ms, dev_prec),
     ):
-        m, ci = score(spec.metric, out, y, reference)
-        stages.append(StageRow(stage=stage, runtime=runtime, metric=m, ci95=ci, samples=len(x), latency_ms=ms, precision=prec))
+        m, ci = score(spec.metric, out[outn], y, reference)
+        stages.append(StageRow(stage=stage, runtime=runtime, metric=m, ci95=ci, samples=n, latency_ms=ms, precision=prec,
+                               extra_metrics=extra_metrics(spec.metric, out[outn], reference)))
 
     gates, notes = [], []
-    # Gate 1: export parity.
-    c1 = compare_output(outn, pt, o32, Tolerance.absolute(th.export_atol), labels=("PyTorch FP32", "ONNX FP32"))
-    g1 = GateRow(gate="export parity", pair="PyTorch FP32 -> ONNX FP32",
-                 measured=c1.error or f"max abs diff {c1.max_abs_diff:.3g}", threshold=f"<= {th.export_atol:g}",
-                 passed=c1.passed, max_abs_diff=c1.max_abs_diff, top1_agreement=c1.top1_agreement)
-    if not g1.passed:
+    if many:
+        notes.append(f"{spec.metric} scores the first output {outn!r}; export parity and device agreement compare "
+                     f"every output ({', '.join(outputs)})")
+    # Gate 1: export parity, every output.
+    parity_rows = []
+    for name in outputs:
+        c1 = compare_output(name, pt[name], o32[name], Tolerance.absolute(th.export_atol),
+                            labels=("PyTorch FP32", "ONNX FP32"))
+        parity_rows.append(GateRow(gate="export parity", pair="PyTorch FP32 -> ONNX FP32", output=name,
+                                   measured=titled(name, c1.error or f"max abs diff {c1.max_abs_diff:.3g}"),
+                                   threshold=f"<= {th.export_atol:g}", passed=c1.passed, max_abs_diff=c1.max_abs_diff,
+                                   top1_agreement=c1.top1_agreement if classifier(name) else None))
+    failed1 = next((g for g in parity_rows if not g.passed), None)
+    if failed1 is not None:
         with tempfile.TemporaryDirectory() as tmp:
-            ref = fresh_reference_export(cfg, model, x[:8], opset, Path(tmp) / "reference.onnx")
-            g1.where = first_departing_node(ref, fp32_onnx, x[:8], inp, th.export_atol)
-    gates.append(g1)
-    # Gate 2: INT8 accuracy SLA.
+            few = take(x, slice(0, 8))
+            ref = fresh_reference_export(cfg, model, few, opset, Path(tmp) / "reference.onnx")
+            failed1.where = first_departing_node(ref, fp32_onnx, few, None, th.export_atol)
+    gates += parity_rows
+    # Gate 2: INT8 accuracy SLA, on the metric's output.
     drop = stages[1].metric - stages[2].metric
-    c2 = compare_output(outn, o32, o8, Tolerance.measure_only(), labels=("ONNX FP32", "ONNX INT8"))  # numbers only
-    g2 = GateRow(gate="INT8 accuracy SLA", pair="ONNX FP32 -> ONNX INT8",
+    c2 = compare_output(outn, o32[outn], o8[outn], Tolerance.measure_only(), labels=("ONNX FP32", "ONNX INT8"),
+                        top1=None if classifier(outn) else False)  # numbers only
+    g2 = GateRow(gate="INT8 accuracy SLA", pair="ONNX FP32 -> ONNX INT8", output=outn,
                  measured=f"{spec.metric} {stages[2].metric:.4f} vs {stages[1].metric:.4f} (drop {drop:+.4f}, "
-                          f"±{stages[2].ci95:.4f} at 95 % over {len(x)} samples)",
+                          f"±{stages[2].ci95:.4f} at 95 % over {n} samples)"
+                          + (f" on output {outn!r}" if many else ""),
                  threshold=f"drop <= {th.int8_max_drop:g}", passed=drop <= th.int8_max_drop,
                  max_abs_diff=c2.max_abs_diff, top1_agreement=c2.top1_agreement)
-    if not g2.passed and calib is not None:
+    if not g2.passed and calib_b is not None:
         with tempfile.TemporaryDirectory() as tmp:
             pre = preprocess_model(fp32_onnx, Path(tmp) / "pre.onnx")
             try:
-                rows = sensitivity_table(pre, int8_onnx, CalibrationReader({inp: np.asarray(calib[:32])}),
+                rows = sensitivity_table(pre, int8_onnx,
+                                         CalibrationReader(take(calib_b, slice(0, 32)), {i.name: i.dtype for i in spec.inputs}),
                                          cfg.quantization.op_types)
                 g2.where = [r.model_dump() for r in rows[:10]]
             except Exception as exc:  # noqa: BLE001 - graphs that no longer line up still fail the gate
                 g2.where = [{"note": f"sensitivity table unavailable: {exc}"}]
     gates.append(g2)
-    # Gate 3: device agreement, within N quantization steps of the output, the step read from the INT8 graph.
+    # Gate 3: device agreement, every output, within N quantization steps of it, the step read from the INT8 graph.
     pair3 = f"ONNX INT8 -> device INT8 ({device.name})"
     if dependent:
         waived = not cfg.validation.require_independent_device
-        g3 = GateRow(gate="device agreement", pair=pair3,
-                     measured=f"not run: no independent device check ran: {dependent}",
-                     threshold=f"<= {th.device_quant_steps:g} output steps and top-1 agreement >= "
-                               f"{th.device_min_agreement:g} on confident samples",
-                     passed=False, ran=False, waived=waived)
+        for name in outputs:
+            gates.append(GateRow(gate="device agreement", pair=pair3, output=name,
+                                 measured=titled(name, f"not run: no independent device check ran: {dependent}"),
+                                 threshold=f"<= {th.device_quant_steps:g} output steps and top-1 agreement >= "
+                                           f"{th.device_min_agreement:g} on confident samples",
+                                 passed=False, ran=False, waived=waived))
         notes.append(f"no independent device check ran: {dependent}" + (
             " (accepted: validation.require_independent_device is false)" if waived else ""))
     else:
-        ostep = output_step(load_onnx(int8_onnx), outn)
-        tol3 = step_tolerance(th.device_quant_steps, ostep.step, th.int8_atol_floor, min_top1=th.device_min_agreement)
-        c3 = compare_output(outn, o8, dev, tol3, labels=("ONNX INT8", "device INT8"))
-        source = tolerance_source(ostep, th.device_quant_steps, th.int8_atol_floor)
-        g3 = GateRow(gate="device agreement", pair=pair3, measured=c3.error or agreement_text(c3, "ONNX INT8"),
-                     threshold=(f"<= {th.device_quant_steps:g} output steps ({c3.tolerance:.3g})"
-                                if ostep.step is not None else
-                                f"<= {c3.tolerance:.3g} (thresholds.int8_atol_floor: no output step in the graph)")
-                               + f" and top-1 agreement >= {th.device_min_agreement:g} on confident samples",
-                     passed=c3.passed, max_abs_diff=c3.max_abs_diff, top1_agreement=c3.top1_agreement,
-                     confident_top1_agreement=c3.confident_top1_agreement, tolerance=c3.tolerance,
-                     tolerance_source=source)
-        if not g3.passed:
-            g3.where = [{"worst_sample": c3.worst_sample, "max_abs_within_tolerance": c3.within_tolerance,
-                         "confident_agreement_ok": c3.agreement_ok,
-                         "note": f"{device.backend} runner exposes final outputs only: per-layer intermediates are not "
-                                 "readable through it"}]
-        notes.append(f"device tolerance: {th.device_quant_steps:g} x the output step, {source}")
-    gates.append(g3)
-    return ValidationReport(model=spec.name, metric_name=spec.metric, samples=len(x),
+        int8_graph = load_onnx(int8_onnx)
+        for name in outputs:
+            cls = classifier(name)
+            ostep = output_step(int8_graph, name)
+            tol3 = step_tolerance(th.device_quant_steps, ostep.step, th.int8_atol_floor,
+                                  min_top1=th.device_min_agreement if cls else None)
+            c3 = compare_output(name, o8[name], dev[name], tol3, labels=("ONNX INT8", "device INT8"),
+                                top1=None if cls else False)
+            source = tolerance_source(ostep, th.device_quant_steps, th.int8_atol_floor)
+            clause = (f" and top-1 agreement >= {th.device_min_agreement:g} on confident samples" if cls
+                      else "; top-1 clause n/a: not a classifier")
+            measured = c3.error or agreement_text(c3, "ONNX INT8", cls)
+            threshold = (f"<= {th.device_quant_steps:g} output steps ({c3.tolerance:.3g})" if ostep.step is not None
+                         else f"<= {c3.tolerance:.3g} (thresholds.int8_atol_floor: no output step in the graph)")
+            passed = c3.passed
+            if ostep.step is None and not cls and not c3.error:
+                # A float head after the last quantized tensor (LayerNorm, pooling, L2 normalisation): the graph
+                # gives no step to count in, and an absolute floor says nothing about an embedding's scale. Its
+                # direction is what a user of it compares: every sample's cosine must reach the threshold.
+                cos, worst = min_cosine(o8[name], dev[name])
+                measured += f"; least cosine similarity {cos:.6f} (sample #{worst})"
+                threshold = (f"cosine >= {th.device_min_cosine:g} on every sample (no output step in the graph: a "
+                             f"float head after the last quantized tensor)")
+                passed = cos >= th.device_min_cosine
+                source = f"{ostep.source}: per-sample cosine (thresholds.device_min_cosine {th.device_min_cosine:g})"
+            g3 = GateRow(gate="device agreement", pair=pair3, output=name,
+                         measured=titled(name, measured),
+                         threshold=threshold + clause,
+                         passed=passed, max_abs_diff=c3.max_abs_diff, top1_agreement=c3.top1_agreement,
+                         confident_top1_agreement=c3.confident_top1_agreement, tolerance=c3.tolerance,
+                         tolerance_source=source)
+            if not g3.passed:
+                g3.where = [{"output": name, "worst_sample": c3.worst_sample,
+                             "max_abs_within_tolerance": c3.within_tolerance,
+                             "confident_agreement_ok": c3.agreement_ok if cls else "n/a: not a classifier",
+                             "note": f"{device.backend} runner exposes final outputs only: per-layer intermediates "
+                                     "are not readable through it"}]
+            gates.append(g3)
+            notes.append(f"device tolerance{f' ({name})' if many else ''}: {th.device_quant_steps:g} x the output "
+                         f"step, {source}")
+    return ValidationReport(model=spec.name, metric_name=spec.metric, samples=n, metric_output=outn, outputs=outputs,
                             calibration_version=calibration_version, device_target=device.name, stages=stages,
                             gates=gates, notes=notes)
 
@@ -354,10 +467,16 @@ def shown_precision(row: StageRow) -> str:
 
 
 def format_table(report: ValidationReport) -> str:
-    lines = [f"{'stage':14} {'runtime':34} {report.metric_name:>8} {'±95%':>7} {'n':>5} {'ms':>8}  precision"]
+    extras = list(dict.fromkeys(k for s in report.stages for k in s.extra_metrics))
+    lines = [f"{'stage':14} {'runtime':34} {report.metric_name:>8} {'±95%':>7} {'n':>5} {'ms':>8}  precision"
+             + "".join(f"  {k}" for k in extras)]
     for s in report.stages:
         lines.append(f"{s.stage:14} {s.runtime[:34]:34} {s.metric:8.4f} {s.ci95:7.4f} {s.samples:5d} "
-                     f"{'-' if s.latency_ms is None else f'{s.latency_ms:8.3f}':>8}  {shown_precision(s)}")
+                     f"{'-' if s.latency_ms is None else f'{s.latency_ms:8.3f}':>8}  {shown_precision(s)}"
+                     + "".join(f"  {s.extra_metrics[k]:.4f}" if k in s.extra_metrics else "  -" for k in extras))
+    if report.metric_output and len(report.outputs) > 1:
+        lines.append(f"({report.metric_name} on output {report.metric_output!r}; gates compare every output: "
+                     f"{', '.join(report.outputs)})")
     lines.append("")
     for g in report.gates:
         lines.append(f"[{g.result}] {g.gate}: {g.pair}: {g.measured} (threshold {g.threshold})")

@@ -66,7 +66,7 @@ def _step(store: ArtifactStore, step, *args):
     """A cached step, re-run when its cached output has gone from the store."""
     step = on_store(step, store.root)
     state = step(*args)
-    if not (store.exists(state.table) and store.exists(state.pixels)):
+    if not all(store.exists(ref) for ref in state.refs()):
         state = step.with_options(refresh_cache=True)(*args)
     return state
 

@@ -7,14 +7,15 @@ import tempfile
 from pathlib import Path
 from typing import Callable, get_args
 
+import numpy as np
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
 from edgeq.calibration.readers import CalibrationReader, open_calibration
 from edgeq.calibration.versions import get_approved
-from edgeq.core.data import load_split
-from edgeq.core.errors import GateError
+from edgeq.core.data import load_inputs
+from edgeq.core.errors import GateError, SpecError
 from edgeq.core.modeling import build_model
 from edgeq.core.specs import EdgeqConfig, PTQMethod
 from edgeq.core.store import ArtifactRef, ArtifactStore, sha256_file
@@ -30,10 +31,20 @@ class QuantizeResult(BaseModel):
 
 def resolve_calibration(cfg: EdgeqConfig, version: str | None = None) -> CalibrationReader:
     """The approved calibration version named by `version`, the config, or 'latest' for this model, as a reader that
-    feeds the model's input in its declared dtype."""
-    first = cfg.model.inputs[0]
-    return open_calibration(cfg.store_url, version or cfg.quantization.calibration, model=cfg.model.name,
-                            input_name=first.name, dtype=first.dtype)
+    feeds EVERY model input in its declared dtype. A version lacking one of the model's inputs is refused."""
+    inputs = cfg.model.inputs
+    which = version or cfg.quantization.calibration
+    if len(inputs) == 1:
+        return open_calibration(cfg.store_url, which, model=cfg.model.name, input_name=inputs[0].name,
+                                dtype=inputs[0].dtype)
+    reader = open_calibration(cfg.store_url, which, model=cfg.model.name)
+    missing = [i.name for i in inputs if i.name not in reader.inputs]
+    if missing:
+        raise SpecError(f"calibration version {reader.version.version if reader.version else which} holds inputs "
+                        f"{reader.names} but the model also takes {missing}: rebuild it from captures that hold every "
+                        f"model input ({[i.name for i in inputs]})")
+    reader.dtypes.update({i.name: np.dtype(i.dtype) for i in inputs})
+    return reader
 
 
 def approved_version_id(cfg: EdgeqConfig, version: str | None = None) -> str:
@@ -60,10 +71,11 @@ def quantize_to_store(cfg: EdgeqConfig, fp32: ArtifactRef, calibration_version: 
     """Plain function: run policy + escalation and put the chosen INT8 model in the store."""
     store = ArtifactStore(cfg.store_url)
     cal = resolve_calibration(cfg, calibration_version)
-    val = load_split(cfg.data.validation, cfg.data.preprocess)
+    # Every named input of the model (a Batch), with labels where the split has them (QAT distils without them).
+    val = load_inputs(cfg.data.validation, cfg.model.inputs, cfg.data.preprocess)
     train = None
     if cfg.quantization.mode != "ptq" and cfg.data.train is not None:
-        train = load_split(cfg.data.train, cfg.data.preprocess)
+        train = load_inputs(cfg.data.train, cfg.model.inputs, cfg.data.preprocess)
     with tempfile.TemporaryDirectory() as tmp:
         report = run_quantization(cfg, store.local_path(fp32), build_model(cfg.model), cal,
                                   cal.version.version, val, train, Path(tmp), opset, log=log)
@@ -77,13 +89,19 @@ def quantization_markdown(report: QuantizationReport, failed: str = "") -> str:
     chosen = report.chosen_attempt
     lines = [f"# INT8 quantization of `{report.model}`: {'FAILED' if failed else 'passed'}", "",
              f"- FP32 validation {report.metric_name}: **{report.fp32_metric:.4f}** (±{report.fp32_ci95:.4f}, 95 % CI); "
-             f"SLA: drop ≤ {report.max_drop:g}",
+             f"SLA: drop ≤ {report.max_drop:g}"
+             + (f"; scored on output `{report.metric_output}`" if report.metric_output else ""),
              f"- calibration version `{report.calibration_version}` ({report.calibration_samples} samples)",
              f"- policy: start with **{report.policy.start}**: {'; '.join(report.policy.reasons)}",
              f"- types: **{report.types}** ({report.types_reason})"]
+    if report.attention:
+        lines.append(f"- attention graph ({len(report.attention)} node(s): {', '.join(report.attention[:4])}): the "
+                     "transformer-aware PTQ rung is on the ladder")
     if chosen:
+        extra = "".join(f"; {k} {v:.4f}" for k, v in chosen.extra_metrics.items())
         lines += [f"- chosen: attempt {chosen.index} — {chosen.label}: {report.metric_name} {chosen.metric:.4f} "
-                  f"(drop {chosen.drop:+.4f})", f"- speed: {report.speed_note}"]
+                  f"(drop {chosen.drop:+.4f}){extra}", f"- speed: {report.speed_note}"]
+        lines += [f"- note: {n}" for n in chosen.notes]
     lines += ["", "```", failed or format_attempts(report), "```"]
     return "\n".join(lines)
 
@@ -125,6 +143,8 @@ def most_attempts(cfg: EdgeqConfig) -> int:
     q = cfg.quantization
     # the base settings, the other calibration methods, the other engine, up to max_sensitive_fp32 layers in FP32
     ptq = 1 + (len(get_args(PTQMethod)) - 1) + 1 + q.max_sensitive_fp32
+    if any(not i.is_float for i in cfg.model.inputs) or cfg.model.metric == "cosine":
+        ptq += 2  # likely an attention model: the transformer PTQ rung (ONNX Runtime, NNCF)
     if q.mode == "qat" or q.sla == "fixed":
         return 1
     return ptq if q.mode == "ptq" else ptq + 1

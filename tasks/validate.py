@@ -6,9 +6,16 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
-from edgeq.calibration.ingest import open_npy
+from edgeq.calibration.readers import version_inputs
 from edgeq.calibration.versions import load_version
-from edgeq.core.data import CONTENT_ID_SCHEME, content_ids, load_split, split_content_ids
+from edgeq.core.data import (
+    CONTENT_ID_SCHEME,
+    batch_content_ids,
+    load_inputs,
+    split_batch_content_ids,
+    split_content_ids,
+)
+from edgeq.core.errors import SpecError
 from edgeq.core.errors import GateError
 from edgeq.core.modeling import build_model
 from edgeq.core.specs import EdgeqConfig, Preprocess
@@ -42,13 +49,23 @@ def validate_to_store(cfg: EdgeqConfig, fp32: ArtifactRef, int8: ArtifactRef, ca
     check_device_stage(cfg)  # before any work: a device stage that is not independent checks nothing
     store = ArtifactStore(cfg.store_url)
     version = load_version(store, calibration_version)
-    calib = open_npy(store.local_path(version.artifacts["samples"]))
-    inp, pp = cfg.model.inputs[0], cfg.data.preprocess
-    # The version's samples are model input made with the preprocessing it recorded.
-    calib_ids = content_ids(calib, pp, inp, made_with=Preprocess(**version.preprocess),
-                            what=f"calibration version {calibration_version}")
-    check_disjoint(split_content_ids(cfg.data.test, pp, inp, "data.test"), set(calib_ids), calibration_version)
-    test = load_split(cfg.data.test, pp)
+    inputs, pp = cfg.model.inputs, cfg.data.preprocess
+    calib = version_inputs(store, version)  # every input the version holds
+    if len(inputs) == 1 and len(calib) == 1:
+        calib = {inputs[0].name: next(iter(calib.values()))}
+    missing = [i.name for i in inputs if i.name not in calib]
+    if missing:
+        raise SpecError(f"calibration version {calibration_version} holds inputs {list(calib)} but the model also "
+                        f"takes {missing}: rebuild it from captures that hold every model input")
+    # The version's samples are model input made with the preprocessing it recorded; identity over every input.
+    calib_ids = batch_content_ids(calib, inputs, pp, made_with=Preprocess(**version.preprocess),
+                                  what=f"calibration version {calibration_version}")
+    if len(inputs) == 1 and inputs[0].is_float:  # the image rule, with its messages naming data.test
+        test_ids = split_content_ids(cfg.data.test, pp, inputs[0], "data.test")
+    else:
+        test_ids = split_batch_content_ids(cfg.data.test, inputs, pp, "data.test")
+    check_disjoint(test_ids, set(calib_ids), calibration_version)
+    test = load_inputs(cfg.data.test, inputs, pp)
     report = validate_four_way(cfg, build_model(cfg.model), store.local_path(fp32), store.local_path(int8), test,
                                calib, calibration_version, opset)
     chart = store.put_bytes(chart_png(report), "four-way.png")
@@ -64,16 +81,24 @@ def validate_to_store(cfg: EdgeqConfig, fp32: ArtifactRef, int8: ArtifactRef, ca
 
 def validation_markdown(report: ValidationReport, chart_uri: str | None = None) -> str:
     verdict = "all gates passed: ship" if report.passed else "**DO NOT SHIP**: " + ", ".join(
-        g.gate for g in report.failed_gates())
+        dict.fromkeys(g.gate for g in report.failed_gates()))
+    extras = list(dict.fromkeys(k for s in report.stages for k in s.extra_metrics))
     lines = [f"# Four-way validation of `{report.model}`: {verdict}", "",
              f"{report.samples} held-out test samples (disjoint from calibration version "
              f"`{report.calibration_version}` by content identity); device stage: `{report.device_target}`.", "",
-             f"| stage | runtime | {report.metric_name} | ±95 % | n | batch-1 ms | precision |", "|---|---|---|---|---|---|---|"]
+             f"| stage | runtime | {report.metric_name} | ±95 % | n | batch-1 ms | precision |"
+             + "".join(f" {k} |" for k in extras), "|---|---|---|---|---|---|---|" + "---|" * len(extras)]
     lines += [f"| {s.stage} | {s.runtime} | {s.metric:.4f} | {s.ci95:.4f} | {s.samples} | "
               f"{MISSING if s.latency_ms is None else f'{s.latency_ms:.3f}'} | {shown_precision(s)} |"
+              + "".join(f" {s.extra_metrics[k]:.4f} |" if k in s.extra_metrics else f" {MISSING} |" for k in extras)
               for s in report.stages]
-    lines += ["", "| gate | pair | measured | threshold | result |", "|---|---|---|---|---|"]
-    lines += [f"| {g.gate} | {g.pair} | {g.measured} | {g.threshold} | "
+    if len(report.outputs) > 1:
+        lines += ["", f"{report.metric_name} scores the first output `{report.metric_output}`; export parity and device "
+                      f"agreement compare every output ({', '.join(f'`{o}`' for o in report.outputs)})."]
+    many = len(report.outputs) > 1
+    lines += ["", "| gate | pair |" + (" output |" if many else "") + " measured | threshold | result |",
+              "|---|---|" + ("---|" if many else "") + "---|---|---|"]
+    lines += [f"| {g.gate} | {g.pair} |" + (f" {g.output} |" if many else "") + f" {g.measured} | {g.threshold} | "
               f"{('pass' if g.passed else '**FAIL**') if g.ran else g.result.lower()} |" for g in report.gates]
     for g in report.failed_gates():
         lines += ["", f"## Where `{g.gate}` diverges", ""] + [f"- {w}" for w in g.where]

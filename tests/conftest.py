@@ -59,6 +59,31 @@ def write_config(folder: Path, demo_root: Path, **overrides) -> Path:
 
 
 @pytest.fixture(scope="session")
+def text_demo_root() -> Path:
+    """The text demo's data and trained encoder (edgeq.demo_text), built once per session."""
+    from edgeq.demo_text import ensure_text_demo
+
+    return ensure_text_demo(_SESSION_TMP / "text-demo")
+
+
+def write_text_config(folder: Path, text_root: Path, **overrides) -> Path:
+    """A copy of text-demo.yaml in `folder`, pointing at the session's text demo build; top-level keys
+    overridable (None removes one)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    text = (REPO / "text-demo.yaml").read_text().replace(".edgeq/text-demo", str(text_root))
+    data = yaml.safe_load(text)
+    data["store"] = str(folder / "store")
+    for key, value in overrides.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
 def demo_config_path(demo_root: Path) -> Path:
     return write_config(_SESSION_TMP / "demo-config", demo_root)
 

@@ -139,3 +139,15 @@ def token_config(folder: Path, weights: Path, paths: dict[str, Path], **override
     for k, v in overrides.items():
         cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
     return cfg
+
+
+class NormalizedEncoder(TinyEncoder):
+    """TinyEncoder with an L2-normalised output: a float head after the last quantized tensor, so the INT8 graph
+    gives no output quantization step for `embedding`."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(super().forward(input_ids, attention_mask), dim=-1)
+
+
+def normalized_encoder(**kw) -> NormalizedEncoder:
+    return NormalizedEncoder(**kw)

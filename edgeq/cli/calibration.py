@@ -38,7 +38,10 @@ def _print_version(v) -> None:
     t.add_column("field", style="bold")
     t.add_column("value")
     d = v.decision
-    rows = [("status", _status(v.status)), ("model", f"{v.model} (input {v.input_name}, sample {v.sample_shape})"),
+    recs = v.input_records()
+    held = (f"input {v.input_name}, sample {v.sample_shape}" if len(recs) == 1 else
+            "inputs " + "; ".join(f"{r.name} {r.dtype} {r.shape}" for r in recs))
+    rows = [("status", _status(v.status)), ("model", f"{v.model} ({held})"),
             ("size", f"{v.size} (target {v.target_size}, minimum {v.min_size})"),
             ("pool", f"{v.pool_rows} captures, {v.usable} usable"),
             ("excluded", ", ".join(f"{n} {k}" for k, n in sorted(v.excluded.items())) or "none"),

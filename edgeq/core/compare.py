@@ -195,3 +195,16 @@ def compare_outputs(reference: Mapping[str, np.ndarray], candidate: Mapping[str,
             continue
         records.append(compare_output(name, reference[name], candidate[name], tol, labels=labels, top1=top1))
     return records
+
+
+def min_cosine(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, int]:
+    """The least per-sample cosine similarity between two runs of one output (same shape, finite), and its sample.
+    A sample whose vectors are both zero counts as 1 (the same); one zero against a non-zero one as 0."""
+    a = _per_sample(np.asarray(reference, dtype=np.float64))
+    b = _per_sample(np.asarray(candidate, dtype=np.float64))
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = (a * b).sum(1) / (na * nb)
+    cos = np.where((na == 0) & (nb == 0), 1.0, np.where((na == 0) | (nb == 0), 0.0, cos))
+    worst = int(np.argmin(cos))
+    return float(cos[worst]), worst

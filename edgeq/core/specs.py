@@ -121,7 +121,8 @@ class ModelSpec(Spec):
         default_factory=lambda: {"batch": 2},
         description="sizes of the dynamic dimensions in the export example",
     )
-    metric: str = Field("top1", description="'top1', 'cosine', or 'package.module:function'")
+    metric: str = Field("top1", description="'top1', 'cosine' (to the FP32 outputs), 'retrieval' (overlap of the 10 "
+                                            "nearest neighbours, FP32 vs INT8), or 'package.module:function'")
     exporter: Literal["auto", "dynamo", "torchscript"] = Field(
         "auto",
         description="auto: torch.export-based exporter at opset >= 18, TorchScript exporter below",
@@ -130,7 +131,7 @@ class ModelSpec(Spec):
     @field_validator("metric")
     @classmethod
     def _metric(cls, v: str) -> str:
-        if v in ("top1", "cosine"):
+        if v in ("top1", "cosine", "retrieval"):
             return v
         return _import_path(v)
 
@@ -232,6 +233,11 @@ class Thresholds(Spec):
     device_min_agreement: float = Field(
         0.99, ge=0, le=1, description="device vs ONNX INT8: top-1 agreement on the confident samples (ONNX INT8 top-1 "
                                       "margin above the tolerance)")
+    device_min_cosine: float = Field(
+        0.999, gt=0, le=1, description="device vs ONNX INT8, an output that is not a classifier's and has no output "
+                                       "step in the INT8 graph (a float head after the last quantized tensor: "
+                                       "LayerNorm, pooling, L2 normalisation): every sample's cosine similarity "
+                                       "must reach this")
     int8_atol_floor: float = Field(
         1e-3, gt=0, description="device agreement and the QAT export check: the least tolerance, in output units; the "
                                 "whole tolerance where the INT8 graph gives no output quantization step (an output "

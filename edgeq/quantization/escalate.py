@@ -1,5 +1,10 @@
 """Quantize until the accuracy SLA holds: PTQ -> PTQ variants -> sensitive layers in FP32 -> QAT.
 
+Every stage feeds all of the model's named inputs (a Batch, `{input name: array}`) and reads all of its outputs; the
+metric scores the first output (`model.outputs[0]`, recorded as `metric_output`). Attention models (the ONNX graph
+has a MatMul of two computed tensors, or a Softmax feeding a MatMul) get the transformer PTQ rung first: ONNX
+Runtime on MatMul/Gemm only and NNCF with model_type TRANSFORMER, LayerNorm/Softmax/GELU/embeddings in FP32.
+
 The ladder is data: each rung is a function of the `Escalation` context that adds attempts, `build_ladder` orders
 the rungs the policy allows (QAT first where the policy starts with it), and the climb stops at the first rung that
 produced an eligible attempt: one that meets the SLA and that every required target can compile and run (the INT8
@@ -13,6 +18,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, get_args
@@ -23,12 +29,13 @@ from pydantic import BaseModel, Field
 
 from edgeq.backends import benchmark, get_backend
 from edgeq.calibration.readers import CalibrationReader
+from edgeq.core.data import batch_size
 from edgeq.core.errors import GateError, SpecError
-from edgeq.core.metrics import score
+from edgeq.core.metrics import extra_metrics, score
 from edgeq.core.specs import EdgeqConfig, PTQMethod, QuantizationSpec, TargetSpec, load_object
 from edgeq.export import run_onnx
 from edgeq.quantization.policy import PolicyDecision, decide
-from edgeq.quantization.ptq import PTQSettings, preprocess_model, quantize
+from edgeq.quantization.ptq import PTQSettings, as_batch, attention_nodes, preprocess_model, quantize
 from edgeq.quantization.qat import qat_finetune
 from edgeq.quantization.sensitivity import SensitivityRow, sensitivity_table
 
@@ -59,6 +66,8 @@ class Attempt(BaseModel):
     seconds: float = 0.0
     latency: list[Latency] = Field(default_factory=list)
     failed_targets: dict[str, str] = Field(default_factory=dict)  # required target -> why it cannot take this model
+    extra_metrics: dict[str, float] = Field(default_factory=dict)  # e.g. retrieval overlap@10 for an embedder
+    notes: list[str] = Field(default_factory=list)  # what the attempt had to work around (a fallback, a rewrite)
     error: str = ""
     onnx_path: str | None = Field(None, exclude=True)
 
@@ -73,6 +82,9 @@ class QuantizationReport(BaseModel):
     metric_name: str
     fp32_metric: float
     fp32_ci95: float
+    metric_output: str = ""  # the output the metric scores (the model's first); every output is run
+    fp32_extra_metrics: dict[str, float] = Field(default_factory=dict)
+    attention: list[str] = Field(default_factory=list)  # the ONNX graph's attention nodes (empty: not an attention model)
     max_drop: float
     calibration_version: str
     calibration_samples: int
@@ -97,6 +109,8 @@ class QuantizationReport(BaseModel):
                    f"val {self.metric_name}": None if a.metric is None else round(a.metric, 4),
                    "drop": None if a.drop is None else round(a.drop, 4), "meets SLA": a.meets_sla,
                    "seconds": round(a.seconds, 1), "chosen": a.index == self.chosen, "error": a.error}
+            for k, v in a.extra_metrics.items():
+                row[f"val {k}"] = round(v, 4)
             for lat in a.latency:
                 row[f"{lat.target} int8 ms"] = None if lat.int8_ms is None else round(lat.int8_ms, 3)
                 row[f"{lat.target} speedup"] = None if lat.speedup is None else round(lat.speedup, 2)
@@ -104,9 +118,22 @@ class QuantizationReport(BaseModel):
         return rows
 
 
-def measure_latency(path: Path, targets: list[TargetSpec], sample: np.ndarray, input_name: str, iters: int) -> list[Latency]:
+def batch1_feeds(sample: Mapping[str, np.ndarray] | np.ndarray, input_name: str | None = None) -> dict[str, np.ndarray]:
+    """Batch-1 feeds: the first sample of every input of a Batch, or one sample (no batch axis) of a one-input model
+    as `input_name` (float32)."""
+    if isinstance(sample, Mapping):
+        return {k: np.ascontiguousarray(np.asarray(v)[:1]) for k, v in sample.items()}
+    if input_name is None:
+        raise TypeError("measure_latency: one sample array needs its input name")
+    return {input_name: np.ascontiguousarray(sample[None].astype(np.float32))}
+
+
+def measure_latency(path: Path, targets: list[TargetSpec], sample: Mapping[str, np.ndarray] | np.ndarray,
+                    input_name: str | None = None, iters: int = 100) -> list[Latency]:
     """Batch-1 latency of the model at `path` (in `int8_ms`) on every target whose runtime is here; a target
-    that cannot run it says why."""
+    that cannot run it says why. `sample`: a Batch whose first sample of every input is fed (real data), or one
+    sample array of a one-input model named `input_name`."""
+    feeds = batch1_feeds(sample, input_name)
     out = []
     for t in targets:
         backend = get_backend(t.backend)
@@ -115,7 +142,7 @@ def measure_latency(path: Path, targets: list[TargetSpec], sample: np.ndarray, i
             continue
         try:
             with backend.runner(path, t) as runner:
-                rep = benchmark(runner, {input_name: sample[None].astype(np.float32)}, warmup=max(5, iters // 10), iters=iters)
+                rep = benchmark(runner, feeds, warmup=max(5, iters // 10), iters=iters)
             out.append(Latency(target=t.name, int8_ms=rep.median_ms, precision=rep.precision))
         except Exception as exc:  # noqa: BLE001 - a target that cannot run this model is a row, not a crash
             out.append(Latency(target=t.name, error=f"{type(exc).__name__}: {exc}"[:300]))
@@ -155,31 +182,37 @@ class Escalation:
     cfg: EdgeqConfig
     fp32_onnx: Path
     model: torch.nn.Module  # the FP32 model, for QAT
-    calib: CalibrationReader  # the approved calibration version
-    val_x: np.ndarray  # validation data: chooses among attempts
+    calib: CalibrationReader  # the approved calibration version, every input
+    val: dict[str, np.ndarray]  # validation data, every input (a Batch): chooses among attempts
     val_y: np.ndarray | None
-    train: tuple[np.ndarray, np.ndarray] | None  # QAT's training split
+    train: tuple[dict[str, np.ndarray], np.ndarray | None] | None  # QAT's training split (labels may be None)
     opset: int
     deploy: TargetSpec  # the target whose latency decides between equally accurate attempts
     base: PTQSettings  # the first PTQ attempt: the config's settings, INT8 types/reduce-range for `deploy`
     fp32_metric: float
-    reference: np.ndarray | None  # FP32 outputs, where the metric scores against them (cosine)
+    reference: np.ndarray | None  # FP32 outputs (the metric's output), where the metric scores against them
     fp32_latency: dict[str, Latency]  # per target name
     work: Path  # every attempt's model is written here
     log: Callable[[str], None] = print
     attempts: list[Attempt] = field(default_factory=list)
     sensitivity: list[SensitivityRow] = field(default_factory=list)
+    attention: list[str] = field(default_factory=list)  # attention nodes of the FP32 graph
 
     @property
     def q(self) -> QuantizationSpec:
         return self.cfg.quantization
 
     @property
-    def input_name(self) -> str:
-        return self.cfg.model.inputs[0].name
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.cfg.model.inputs]
 
     @property
-    def output_name(self) -> str:
+    def output_names(self) -> list[str]:
+        return list(self.cfg.model.outputs)
+
+    @property
+    def metric_output(self) -> str:
+        """The output the metric scores: the model's first."""
         return self.cfg.model.outputs[0]
 
     @property
@@ -189,7 +222,7 @@ class Escalation:
 
 
 def evaluate(ctx: Escalation, kind: str, label: str, settings: dict[str, Any],
-             build: Callable[[Path], dict[str, Any] | None]) -> Attempt:
+             build: Callable[[Path], dict[str, Any] | None], notes: list[str] | None = None) -> Attempt:
     """Build one attempt, score it on the validation data, time it on every target, check it on every required
     target, and record it.
 
@@ -198,17 +231,21 @@ def evaluate(ctx: Escalation, kind: str, label: str, settings: dict[str, Any],
     is then not eligible); a `SpecError` (the config itself is wrong) stops the run.
     """
     a = Attempt(index=len(ctx.attempts), kind=kind, label=label, settings=settings)
+    if notes is not None:
+        a.notes = notes  # the builder appends to it
     path = ctx.work / f"attempt{a.index}.onnx"
     metric = ctx.cfg.model.metric
     t0 = time.perf_counter()
     try:
         a.settings.update(build(path) or {})
-        out = run_onnx(path, ctx.val_x, ctx.input_name, ctx.output_name)
+        outs = run_onnx(path, ctx.val, outputs=ctx.output_names)  # every input fed, every output run
+        out = outs[ctx.metric_output]
         a.metric, a.ci95 = score(metric, out, ctx.val_y, ctx.reference)
+        a.extra_metrics = extra_metrics(metric, out, ctx.reference)
         a.drop = ctx.fp32_metric - a.metric
         a.meets_sla = a.drop <= ctx.cfg.thresholds.int8_max_drop
         a.onnx_path = str(path)
-        a.latency = measure_latency(path, ctx.cfg.targets, ctx.val_x[0], ctx.input_name, ctx.q.latency_iters)
+        a.latency = measure_latency(path, ctx.cfg.targets, ctx.val, iters=ctx.q.latency_iters)
         for lat in a.latency:
             base = ctx.fp32_latency.get(lat.target)
             lat.fp32_ms = base.int8_ms if base else None  # the baseline run measured the FP32 model
@@ -228,16 +265,28 @@ def evaluate(ctx: Escalation, kind: str, label: str, settings: dict[str, Any],
 
 
 def try_ptq(ctx: Escalation, settings: PTQSettings) -> Attempt:
-    def build(path: Path) -> None:
-        quantize(ctx.fp32_onnx, path, ctx.calib, settings)
+    notes: list[str] = []
 
-    return evaluate(ctx, "ptq", settings.label(), settings.record(), build)
+    def build(path: Path) -> None:
+        quantize(ctx.fp32_onnx, path, ctx.calib, settings, notes)
+
+    return evaluate(ctx, "ptq", settings.label(), settings.record(), build, notes)
 
 
 # ---------------------------------------------------------------- the rungs
 def ptq_base(ctx: Escalation) -> list[Attempt]:
     """The config's PTQ settings, with the INT8 types and weight range chosen for the deployment target."""
     return [try_ptq(ctx, ctx.base)]
+
+
+def ptq_transformer(ctx: Escalation) -> list[Attempt]:
+    """Transformer-aware PTQ for an attention graph (seconds, where QAT takes hours on a CPU): ONNX Runtime static on
+    MatMul/Gemm only, then NNCF with model_type TRANSFORMER (SmoothQuant); both keep LayerNormalization, Softmax,
+    GELU/Erf and the embedding Gathers in FP32. Activations follow the deployment target's scheme (unsigned on x86
+    CPUs)."""
+    base = ctx.base.model_copy(update={"profile": "transformer"})
+    return [try_ptq(ctx, base.model_copy(update={"engine": "onnxruntime"})),
+            try_ptq(ctx, base.model_copy(update={"engine": "nncf"}))]
 
 
 def ptq_variants(ctx: Escalation) -> list[Attempt]:
@@ -255,7 +304,7 @@ def keep_sensitive_fp32(ctx: Escalation) -> list[Attempt]:
     most `quantization.max_sensitive_fp32`) until one meets the SLA."""
     # ONNX Runtime's QDQ keeps the FP32 tensor names that the sensitivity tool matches on (NNCF's does not).
     done = [a for a in ctx.attempts if a.kind == "ptq" and a.onnx_path and not a.error
-            and a.settings.get("engine") == "onnxruntime"]
+            and a.settings.get("engine") == "onnxruntime" and a.metric is not None]
     if not done or ctx.q.max_sensitive_fp32 == 0:
         return []
     best = max(done, key=lambda a: a.metric)
@@ -265,45 +314,76 @@ def keep_sensitive_fp32(ctx: Escalation) -> list[Attempt]:
     for k in range(1, min(ctx.q.max_sensitive_fp32, len(ctx.sensitivity)) + 1):
         keep = list(dict.fromkeys(ctx.base.keep_fp32_nodes + [r.node for r in ctx.sensitivity[:k]]))
         out.append(try_ptq(ctx, ctx.base.model_copy(update={
-            "engine": "onnxruntime", "keep_fp32_nodes": keep, "method": best.settings.get("method", ctx.base.method)})))
+            "engine": "onnxruntime", "keep_fp32_nodes": keep, "method": best.settings.get("method", ctx.base.method),
+            "profile": best.settings.get("profile", "default")})))
         if out[-1].meets_sla:
             break
     return out
 
 
+def qat_loss_for(metric: str, has_labels: bool, custom: str | None) -> tuple[str | None, str]:
+    """(distillation kind or None, the loss as the record names it): the config's loss; else distillation to the
+    FP32 model's outputs for an embedder (1 - cosine) or a model without labels (MSE); else cross-entropy."""
+    if custom:
+        return None, custom
+    if metric == "cosine":
+        return "cosine", "distillation: 1 - cosine to the FP32 model's outputs"
+    if not has_labels:
+        return "mse", "distillation: MSE to the FP32 model's outputs"
+    return None, "cross-entropy"
+
+
 def qat(ctx: Escalation) -> list[Attempt]:
-    """Fake-quant fine-tuning on the training split (NNCF), quantizer ranges initialised from the calibration set."""
+    """Fake-quant fine-tuning on the training split (NNCF), quantizer ranges initialised from the calibration set,
+    every input fed. Without class labels (or for an embedder) the loss is distillation to the FP32 model."""
     q = ctx.q
     loss = load_object(q.qat_loss) if q.qat_loss else None
     train_x, train_y = ctx.train
+    distill, loss_name = qat_loss_for(ctx.cfg.model.metric, train_y is not None, q.qat_loss)
+    spec = ctx.cfg.model
 
     def build(path: Path) -> dict[str, Any]:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # measured: NNCF's range init ran 10x slower with 2 threads on a busy 2-core CPU
         try:
-            res = qat_finetune(ctx.model, [feed[ctx.input_name] for feed in ctx.calib], train_x, train_y,
-                               ctx.input_name, ctx.output_name, ctx.opset, path, epochs=q.qat_epochs, lr=q.qat_lr,
+            res = qat_finetune(ctx.model, list(ctx.calib), train_x, None if distill else train_y,
+                               ctx.input_names, ctx.output_names, ctx.opset, path, epochs=q.qat_epochs, lr=q.qat_lr,
                                loss_fn=loss, on_epoch=lambda e: ctx.log(f"QAT epoch {e}"),
-                               reduce_range=ctx.base.reduce_range, thresholds=ctx.cfg.thresholds)
+                               reduce_range=ctx.base.reduce_range, thresholds=ctx.cfg.thresholds, distill=distill,
+                               dynamic_axes={i.name: i.dynamic_axes for i in spec.inputs if i.dynamic_axes},
+                               classifier=spec.metric == "top1")
         finally:
             torch.set_num_threads(threads)
         return {"engine": res.engine, "export_parity_max_abs": res.parity_max_abs,
                 "export_top1_agreement": res.parity_top1_agreement, "epochs_log": res.epochs}
 
-    settings = {"epochs": q.qat_epochs, "lr": q.qat_lr, "loss": q.qat_loss or "cross-entropy"}
+    settings = {"epochs": q.qat_epochs, "lr": q.qat_lr, "loss": loss_name}
     return [evaluate(ctx, "qat", f"QAT {q.qat_epochs} epochs lr {q.qat_lr}", settings, build)]
 
 
 # A new rung is a function above plus its entry here.
 PTQ_RUNGS: tuple[Rung, ...] = (ptq_base, ptq_variants, keep_sensitive_fp32)
 QAT_RUNGS: tuple[Rung, ...] = (qat,)
+FIRST_RUNGS: dict[str, Rung] = {"transformer": ptq_transformer, "base": ptq_base}
 
 
 def build_ladder(policy: PolicyDecision, can_train: bool) -> list[Rung]:
-    """The rungs the policy allows, in its order: PTQ then QAT, or QAT first where the policy starts with it."""
+    """The rungs the policy allows, in its order: PTQ then QAT, or QAT first where the policy starts with it.
+
+    An attention graph puts the transformer PTQ rung ahead of the other PTQ rungs; where the policy recommends QAT
+    but allows PTQ (`auto`, a flexible SLA), its fast PTQ rung (`ptq_first`) goes before QAT, which then runs only
+    when that rung misses the SLA.
+    """
     ptq = list(PTQ_RUNGS) if policy.allow_ptq else []
+    if ptq and policy.attention_graph:
+        ptq.insert(0, ptq_transformer)
     qat_ = list(QAT_RUNGS) if policy.allow_qat and can_train else []
-    return qat_ + ptq if policy.start == "qat" else ptq + qat_
+    if policy.start != "qat":
+        return ptq + qat_
+    first = FIRST_RUNGS.get(policy.ptq_first) if ptq else None
+    if first is None:
+        return qat_ + ptq
+    return [first] + qat_ + [r for r in ptq if r is not first]
 
 
 def climb(ctx: Escalation, ladder: list[Rung]) -> None:
@@ -369,35 +449,48 @@ def run_quantization(
     model: torch.nn.Module,
     calib: CalibrationReader,
     calibration_version: str,
-    val: tuple[np.ndarray, np.ndarray | None],
-    train: tuple[np.ndarray, np.ndarray] | None,
+    val: tuple[Mapping[str, np.ndarray] | np.ndarray, np.ndarray | None],
+    train: tuple[Mapping[str, np.ndarray] | np.ndarray, np.ndarray | None] | None,
     out_dir: Path,
     opset: int,
     log: Callable[[str], None] = print,
 ) -> QuantizationReport:
-    """Run the policy and climb the ladder; the chosen model is copied to `out_dir/<model>-int8.onnx`."""
+    """Run the policy and climb the ladder; the chosen model is copied to `out_dir/<model>-int8.onnx`.
+
+    `val` and `train` are (Batch of every model input, labels or None); one array stands for the only input of a
+    one-input model. `calib` must feed every model input.
+    """
     q, spec = cfg.quantization, cfg.model
     deploy = deploy_target(cfg)
     base, types_reason = first_ptq_settings(q, deploy)
-    policy = decide(model, spec.metric, q.mode, q.sla)
-    can_train = train is not None and len(train[0]) > 0
+    missing = [i.name for i in spec.inputs if i.name not in calib.inputs]
+    if missing:
+        raise SpecError(f"the calibration version feeds {calib.names} but the model also takes {missing}: build the "
+                        "calibration version from captures that hold every model input")
+    attention = attention_nodes(fp32_onnx)
+    policy = decide(model, spec.metric, q.mode, q.sla, attention)
+    if train is not None:
+        train = (as_batch(train[0], spec.inputs), train[1])
+    can_train = train is not None and batch_size(train[0]) > 0
     if policy.allow_qat and not policy.allow_ptq and not can_train:
         raise SpecError("QAT was requested but the config has no training data: set data.train")
 
-    val_x, val_y = val
-    fp32_out = run_onnx(fp32_onnx, val_x, spec.inputs[0].name, spec.outputs[0])
-    reference = fp32_out if spec.metric == "cosine" else None
+    val_x, val_y = as_batch(val[0], spec.inputs), val[1]
+    fp32_out = run_onnx(fp32_onnx, val_x, outputs=list(spec.outputs))[spec.outputs[0]]
+    reference = fp32_out if spec.metric in ("cosine", "retrieval") else None
     fp32_metric, fp32_ci = score(spec.metric, fp32_out, val_y, reference)
     fp32_latency = {lat.target: lat
-                    for lat in measure_latency(fp32_onnx, cfg.targets, val_x[0], spec.inputs[0].name, q.latency_iters)}
-    ctx = Escalation(cfg=cfg, fp32_onnx=fp32_onnx, model=model, calib=calib, val_x=val_x, val_y=val_y, train=train,
+                    for lat in measure_latency(fp32_onnx, cfg.targets, val_x, iters=q.latency_iters)}
+    ctx = Escalation(cfg=cfg, fp32_onnx=fp32_onnx, model=model, calib=calib, val=val_x, val_y=val_y, train=train,
                      opset=opset, deploy=deploy, base=base, fp32_metric=fp32_metric, reference=reference,
-                     fp32_latency=fp32_latency, work=Path(tempfile.mkdtemp(prefix="edgeq-quant-")), log=log)
+                     fp32_latency=fp32_latency, work=Path(tempfile.mkdtemp(prefix="edgeq-quant-")), log=log,
+                     attention=attention)
     try:
         climb(ctx, build_ladder(policy, can_train))
         report = QuantizationReport(
             model=spec.name, metric_name=spec.metric, fp32_metric=fp32_metric, fp32_ci95=fp32_ci,
-            max_drop=cfg.thresholds.int8_max_drop, calibration_version=calibration_version,
+            metric_output=spec.outputs[0], fp32_extra_metrics=extra_metrics(spec.metric, fp32_out, reference),
+            attention=attention, max_drop=cfg.thresholds.int8_max_drop, calibration_version=calibration_version,
             calibration_samples=len(calib), policy=policy, types=base.types, types_reason=types_reason,
             deploy_target=deploy.name, attempts=ctx.attempts, sensitivity=ctx.sensitivity)
         chosen = choose_attempt(ctx.attempts, deploy.name)
@@ -434,7 +527,8 @@ def format_attempts(report: QuantizationReport) -> str:
     for a in report.attempts:
         m = "-" if a.metric is None else f"{a.metric:.4f}"
         d = "-" if a.drop is None else f"{a.drop:+.4f}"
-        lines.append(f"{a.index:>2} {a.kind:4} {m:>10} {d:>8} {'yes' if a.meets_sla else 'no':>4}  {a.label}"
+        extra = "".join(f"  ({k} {v:.4f})" for k, v in a.extra_metrics.items())
+        lines.append(f"{a.index:>2} {a.kind:4} {m:>10} {d:>8} {'yes' if a.meets_sla else 'no':>4}  {a.label}{extra}"
                      + (f"  [{a.error}]" if a.error else ""))
     return "\n".join(lines)
 

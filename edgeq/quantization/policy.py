@@ -26,11 +26,17 @@ class ArchitectureScan(BaseModel):
 
 
 class PolicyDecision(BaseModel):
-    start: str  # "ptq" | "qat"
+    start: str  # "ptq" | "qat": where the policy says to start (its recommendation, recorded as it is)
     allow_qat: bool
     allow_ptq: bool
     reasons: list[str]
     scan: ArchitectureScan
+    # The fast PTQ rung `auto` climbs before the recommended QAT: "transformer" (an attention graph: the
+    # transformer-aware PTQ rungs), "base" (cosine scoring without attention: the base PTQ settings) or "" (none: the
+    # order follows `start`, e.g. custom normalisation still starts with QAT). QAT runs only when that rung misses
+    # the SLA.
+    ptq_first: str = ""
+    attention_graph: bool = False  # the ONNX graph has attention: the transformer PTQ rung is on the ladder
 
 
 def scan_architecture(model: nn.Module, metric: str) -> ArchitectureScan:
@@ -50,10 +56,19 @@ def scan_architecture(model: nn.Module, metric: str) -> ArchitectureScan:
     return scan
 
 
-def decide(model: nn.Module, metric: str, mode: str, sla: str) -> PolicyDecision:
+def decide(model: nn.Module, metric: str, mode: str, sla: str, graph_attention: list[str] | None = None) -> PolicyDecision:
     """The policy of docs/DESIGN.md: ResNet-style -> PTQ; mobile -> PTQ first, QAT likely; attention / custom norm /
-    cosine scoring -> QAT; a fixed SLA -> QAT regardless."""
+    cosine scoring -> QAT; a fixed SLA -> QAT regardless.
+
+    `graph_attention`: the attention nodes of the exported ONNX graph (`edgeq.quantization.ptq.attention_nodes`),
+    which find attention that module names do not. For attention / cosine models under `auto` with a flexible SLA,
+    the recommendation stays QAT, but the ladder first tries the fast PTQ rung (`ptq_first`): transformer PTQ takes
+    seconds, QAT hours on a CPU.
+    """
     scan = scan_architecture(model, metric)
+    graph_attention = list(graph_attention or [])
+    if graph_attention and not scan.attention:
+        scan.attention = [f"ONNX {n}" for n in graph_attention]
     if scan.attention or scan.custom_norms or scan.cosine_head:
         what = (scan.attention and f"attention ({', '.join(scan.attention[:3])})"
                 or scan.custom_norms and f"custom normalisation ({', '.join(scan.custom_norms[:3])})"
@@ -65,12 +80,29 @@ def decide(model: nn.Module, metric: str, mode: str, sla: str) -> PolicyDecision
         arch, start = f"ResNet-style ({scan.convs} convs, no depthwise): PTQ", "ptq"
     else:
         arch, start = "no convs/attention found: PTQ first", "ptq"
+    attention_graph = bool(graph_attention)
+    first = "transformer" if attention_graph else ""
     if mode == "ptq":
-        return PolicyDecision(start="ptq", allow_qat=False, allow_ptq=True, scan=scan,
-                              reasons=[arch, "mode: ptq in the config (no escalation to QAT)"])
+        reasons = [arch, "mode: ptq in the config (no escalation to QAT)"]
+        if attention_graph:
+            reasons.append("attention graph: the transformer-aware PTQ rung first")
+        return PolicyDecision(start="ptq", allow_qat=False, allow_ptq=True, scan=scan, reasons=reasons,
+                              ptq_first=first, attention_graph=attention_graph)
     if mode == "qat":
-        return PolicyDecision(start="qat", allow_qat=True, allow_ptq=False, scan=scan, reasons=[arch, "mode: qat in the config"])
+        return PolicyDecision(start="qat", allow_qat=True, allow_ptq=False, scan=scan, reasons=[arch, "mode: qat in the config"],
+                              attention_graph=attention_graph)
     if sla == "fixed":
-        return PolicyDecision(start="qat", allow_qat=True, allow_ptq=False, scan=scan,
+        return PolicyDecision(start="qat", allow_qat=True, allow_ptq=False, scan=scan, attention_graph=attention_graph,
                               reasons=[arch, "quantization.sla is 'fixed': a production accuracy SLA gets QAT regardless"])
-    return PolicyDecision(start=start, allow_qat=True, allow_ptq=True, scan=scan, reasons=[arch])
+    reasons = [arch]
+    if start == "qat" and not first and scan.cosine_head:
+        first = "base"  # an embedder without attention in its graph: the base PTQ settings before QAT
+    if start == "qat" and first:
+        what = ("the transformer-aware PTQ rung (ONNX Runtime on MatMul/Gemm only, NNCF model_type TRANSFORMER)"
+                if first == "transformer" else "the base PTQ settings")
+        reasons.append(f"auto with a flexible SLA: {what} first (seconds; QAT takes hours on a CPU); QAT only if it "
+                       "misses the SLA")
+    elif attention_graph:
+        reasons.append("attention graph: the transformer-aware PTQ rung first")
+    return PolicyDecision(start=start, allow_qat=True, allow_ptq=True, scan=scan, reasons=reasons, ptq_first=first,
+                          attention_graph=attention_graph)

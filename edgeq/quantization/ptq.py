@@ -4,17 +4,40 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Literal
 
+import numpy as np
 import onnx
 from pydantic import BaseModel
 
 from edgeq.calibration.readers import CalibrationReader
 from edgeq.core.errors import SpecError
 from edgeq.core.quiet import muted_output
-from edgeq.core.specs import Int8Types, PTQEngine, PTQMethod, QuantizationSpec
+from edgeq.core.specs import InputSpec, Int8Types, PTQEngine, PTQMethod, QuantizationSpec
 
 _METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+# The transformer profile: ONNX Runtime quantizes only the matrix products, these stay FP32 in both engines (plus the
+# embedding Gathers, found per graph). Quantizing LayerNorm/Softmax/GELU/embedding lookups is what wrecks a
+# transformer's accuracy under PTQ.
+TRANSFORMER_OP_TYPES = ["MatMul", "Gemm"]
+TRANSFORMER_FP32_OP_TYPES = ["LayerNormalization", "Softmax", "Gelu", "FastGelu", "BiasGelu", "Erf"]
+Profile = Literal["default", "transformer"]
+
+
+def as_batch(x: Mapping[str, np.ndarray] | np.ndarray, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """A Batch ({input name: array}) of model input: a mapping as it is (every input must be there), or one array as
+    the only input (cast to its declared dtype) of a one-input model."""
+    names = [i.name for i in inputs]
+    if isinstance(x, Mapping):
+        missing = [n for n in names if n not in x]
+        if missing:
+            raise SpecError(f"data has no samples for model input(s) {missing} (it holds {sorted(x)})")
+        return {n: np.asarray(x[n]) for n in names}
+    if len(inputs) != 1:
+        raise SpecError(f"one array of samples given, but the model has inputs {names}: give {{input name: array}}")
+    return {names[0]: np.asarray(x).astype(inputs[0].dtype, copy=False)}
 
 
 class PTQSettings(BaseModel):
@@ -31,6 +54,9 @@ class PTQSettings(BaseModel):
     engine: PTQEngine
     method: PTQMethod
     keep_fp32_nodes: list[str]
+    # transformer: ORT quantizes MatMul/Gemm only and NNCF runs with model_type TRANSFORMER (SmoothQuant); both keep
+    # LayerNormalization, Softmax, GELU/Erf and the embedding Gathers in FP32
+    profile: Profile = "default"
 
     @classmethod
     def from_spec(cls, spec: QuantizationSpec | None = None, types: Int8Types = "u8s8",
@@ -43,17 +69,38 @@ class PTQSettings(BaseModel):
 
     def record(self) -> dict[str, Any]:
         """The attempt's settings as its report row keeps them."""
-        return {"engine": self.engine, "method": self.method, "types": self.types, "reduce_range": self.reduce_range,
-                "per_channel": self.spec.per_channel, "op_types": list(self.spec.op_types),
-                "keep_fp32_nodes": list(self.keep_fp32_nodes), "keep_fp32_op_types": list(self.spec.keep_fp32_op_types)}
+        rec = {"engine": self.engine, "method": self.method, "types": self.types, "reduce_range": self.reduce_range,
+               "per_channel": self.spec.per_channel, "op_types": list(self.op_types),
+               "keep_fp32_nodes": list(self.keep_fp32_nodes), "keep_fp32_op_types": list(self.fp32_op_types)}
+        if self.profile != "default":
+            rec["profile"] = self.profile
+            if self.engine == "nncf":
+                rec["model_type"] = "transformer"
+        return rec
+
+    @property
+    def op_types(self) -> list[str]:
+        """The op types ONNX Runtime quantizes (the transformer profile: the matrix products only)."""
+        if self.profile == "transformer":
+            return [t for t in TRANSFORMER_OP_TYPES if t in self.spec.op_types] or list(TRANSFORMER_OP_TYPES)
+        return list(self.spec.op_types)
+
+    @property
+    def fp32_op_types(self) -> list[str]:
+        extra = TRANSFORMER_FP32_OP_TYPES if self.profile == "transformer" else []
+        return list(dict.fromkeys([*self.spec.keep_fp32_op_types, *extra]))
 
     def label(self) -> str:
         extra = f", fp32: {', '.join(self.keep_fp32_nodes)}" if self.keep_fp32_nodes else ""
         if self.engine == "nncf":
+            if self.profile == "transformer":
+                return f"nncf PTQ transformer (model_type TRANSFORMER, SmoothQuant){extra}"
             return f"nncf PTQ (bias correction){extra}"
         rr = " reduce-range" if self.reduce_range else ""
         per = " per-channel" if self.spec.per_channel else " per-tensor"
-        return f"ort PTQ {self.method} {self.types}{rr}{per}{extra}"
+        kind = "ort PTQ transformer (MatMul/Gemm only; LayerNorm, Softmax, GELU, embeddings FP32)" \
+            if self.profile == "transformer" else "ort PTQ"
+        return f"{kind} {self.method} {self.types}{rr}{per}{extra}"
 
 
 def check_calibration_shapes(model_path: Path, data: CalibrationReader) -> None:
@@ -89,26 +136,77 @@ def _check_excludes(model_path: Path, settings: PTQSettings) -> None:
         )
 
 
-def preprocess_model(src: Path, dst: Path) -> Path:
-    """ONNX Runtime's quantization pre-processing (shape inference + graph optimisation): 3x faster INT8 here."""
+def preprocess_model(src: Path, dst: Path, notes: list[str] | None = None) -> Path:
+    """ONNX Runtime's quantization pre-processing (shape inference + graph optimisation): 3x faster INT8 here.
+
+    Its symbolic shape inference fails on typical transformer graphs (dynamic sequence axes through Reshape/Expand,
+    attention masks); the pre-processing then runs with ``skip_symbolic_shape=True`` (ONNX's own shape inference
+    only), and `notes` records that it did.
+    """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with muted_output():
-        quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+    try:
+        with muted_output():
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+    except Exception as exc:  # noqa: BLE001 - symbolic shape inference's failures come as any exception type
+        first = " ".join(str(exc).split())[:200]
+        with muted_output():
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+        if notes is not None:
+            notes.append(f"quant_pre_process: symbolic shape inference failed ({type(exc).__name__}: {first}); "
+                         "pre-processed with skip_symbolic_shape=True")
     return dst
 
 
-def quantize_onnxruntime(src: Path, dst: Path, data: CalibrationReader, s: PTQSettings) -> Path:
+def attention_nodes(model_path: Path | onnx.ModelProto) -> list[str]:
+    """Nodes that make a graph an attention model: a MatMul of two computed tensors (neither a weight nor a
+    constant: query x key, scores x value), or a Softmax feeding a MatMul. Empty for CNNs and MLPs (a classifier's
+    final Softmax feeds no MatMul)."""
+    model = model_path if isinstance(model_path, onnx.ModelProto) else onnx.load(str(model_path),
+                                                                                 load_external_data=False)
+    graph = model.graph
+    constant = {i.name for i in graph.initializer}
+    constant |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    # a weight reached through a cast / dequantize / transpose / reshape of a constant is still a weight
+    for n in graph.node:
+        if n.op_type in ("Cast", "DequantizeLinear", "Transpose", "Reshape", "Identity") and n.input \
+                and n.input[0] in constant:
+            constant.update(n.output)
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    found = []
+    for n in graph.node:
+        if n.op_type == "MatMul" and len(n.input) == 2 and not (set(n.input) & constant):
+            found.append(n.name or n.output[0])
+        elif n.op_type == "Softmax" and any(c.op_type == "MatMul" for c in consumers.get(n.output[0], [])):
+            found.append(n.name or n.output[0])
+    return found
+
+
+def embedding_gathers(model: onnx.ModelProto) -> list[str]:
+    """Gathers that look a table up by index (data is a 2-D weight): an embedding, kept FP32 by the transformer
+    profile."""
+    weights = {i.name: i for i in model.graph.initializer}
+    return [n.name for n in model.graph.node
+            if n.op_type == "Gather" and n.input and n.input[0] in weights and len(weights[n.input[0]].dims) == 2]
+
+
+def quantize_onnxruntime(src: Path, dst: Path, data: CalibrationReader, s: PTQSettings,
+                         notes: list[str] | None = None) -> Path:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     act = QuantType.QUInt8 if s.types == "u8s8" else QuantType.QInt8
     model = onnx.load(str(src), load_external_data=False)
-    excluded = set(s.keep_fp32_nodes) | {n.name for n in model.graph.node if n.op_type in s.spec.keep_fp32_op_types}
+    excluded = set(s.keep_fp32_nodes) | {n.name for n in model.graph.node if n.op_type in s.fp32_op_types}
+    if s.profile == "transformer":
+        excluded |= set(embedding_gathers(model))
     data.rewind()  # quantize_static reads from where get_next() stands; an earlier attempt left it at the end
     with muted_output():  # the calibrators print progress
         quantize_static(
             str(src), str(dst), data,
-            quant_format=QuantFormat.QDQ, op_types_to_quantize=list(s.spec.op_types), per_channel=s.spec.per_channel,
+            quant_format=QuantFormat.QDQ, op_types_to_quantize=s.op_types, per_channel=s.spec.per_channel,
             activation_type=act, weight_type=QuantType.QInt8, nodes_to_exclude=sorted(excluded),
             reduce_range=s.reduce_range,
             calibrate_method=getattr(CalibrationMethod, _METHODS[s.method]),
@@ -117,34 +215,87 @@ def quantize_onnxruntime(src: Path, dst: Path, data: CalibrationReader, s: PTQSe
     return dst
 
 
-def quantize_nncf(src: Path, dst: Path, data: CalibrationReader, s: PTQSettings) -> Path:
+def quantize_nncf(src: Path, dst: Path, data: CalibrationReader, s: PTQSettings,
+                  notes: list[str] | None = None) -> Path:
     import nncf  # seconds to import, and only this engine needs it
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
     model = onnx.load(str(src))
     ignored = None
-    if s.keep_fp32_nodes or s.spec.keep_fp32_op_types:
-        ignored = nncf.IgnoredScope(names=list(s.keep_fp32_nodes), types=list(s.spec.keep_fp32_op_types),
-                                    validate=False)
+    names = list(s.keep_fp32_nodes) + (embedding_gathers(model) if s.profile == "transformer" else [])
+    if names or s.fp32_op_types:
+        ignored = nncf.IgnoredScope(names=names, types=s.fp32_op_types, validate=False)
     with muted_output(stderr=True):
         q = nncf.quantize(model, data.as_nncf_dataset(), subset_size=len(data), ignored_scope=ignored,
                           preset=nncf.QuantizationPreset.MIXED if s.types == "u8s8" else nncf.QuantizationPreset.PERFORMANCE,
+                          model_type=nncf.ModelType.TRANSFORMER if s.profile == "transformer" else None,
                           # NNCF's answer to the same saturation: half the weight range on every layer, not only the first
                           advanced_parameters=AdvancedQuantizationParameters(
                               overflow_fix=OverflowFix.ENABLE if s.reduce_range else OverflowFix.FIRST_LAYER))
+    moved = hoist_transposes_above_qdq(q)
+    if moved and notes is not None:
+        notes.append(f"moved {moved} Transpose(s) from after a DequantizeLinear to before its QuantizeLinear "
+                       "(ONNX Runtime's QDQ transpose optimizer fails on them at opset >= 21)")
     onnx.save(q, str(dst))
     return dst
 
 
-def quantize(src: Path, dst: Path, data: CalibrationReader, settings: PTQSettings) -> Path:
-    """One PTQ attempt: pre-process, quantize with `data` as the calibration samples, write `dst` (a QDQ ONNX model)."""
+def hoist_transposes_above_qdq(model: onnx.ModelProto) -> int:
+    """Rewrite ``x -> Q -> DQ -> Transpose`` as ``x -> Transpose -> Q -> DQ`` where the quantization is per tensor
+    and each link has one consumer; returns how many were moved.
+
+    The same values either way (a per-tensor Q/DQ commutes with a transpose). NNCF places the Q/DQ of attention's
+    key before its Transpose; ONNX Runtime 1.32's transpose optimizer then rewrites that pair at opset >= 21 into a
+    QuantizeLinear whose `output_dtype` contradicts its zero point, and every session on the model fails to load.
+    """
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+    producer = {o: n for n in graph.node for o in n.output}
+    moved = 0
+    for t in list(graph.node):
+        if t.op_type != "Transpose" or not t.input:
+            continue
+        dq = producer.get(t.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or len(consumers.get(dq.output[0], [])) != 1:
+            continue
+        q = producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or len(consumers.get(q.output[0], [])) != 1:
+            continue
+        scale = inits.get(q.input[1]) if len(q.input) > 1 else None
+        if scale is None or int(np.prod(scale.dims)) != 1 or {dq.output[0], q.output[0]} & outputs:
+            continue
+        x, y = q.input[0], t.output[0]
+        mid = f"{y}__pre_qdq"
+        t.input[0], t.output[0] = x, mid
+        q.input[0] = mid
+        dq.output[0] = y
+        nodes = list(graph.node)
+        nodes.remove(t)
+        nodes.insert(nodes.index(q), t)
+        del graph.node[:]
+        graph.node.extend(nodes)
+        moved += 1
+    return moved
+
+
+def quantize(src: Path, dst: Path, data: CalibrationReader, settings: PTQSettings,
+             notes: list[str] | None = None) -> Path:
+    """One PTQ attempt: pre-process, quantize with `data` as the calibration samples, write `dst` (a QDQ ONNX model).
+
+    `data` feeds every model input. `notes` (when given) receives what the run had to work around (a pre-processing
+    fallback, a graph rewrite), for the attempt's record."""
     check_calibration_shapes(src, data)
     _check_excludes(src, settings)
     with tempfile.TemporaryDirectory() as tmp:
-        pre = preprocess_model(src, Path(tmp) / "pre.onnx")
+        pre = preprocess_model(src, Path(tmp) / "pre.onnx", notes)
         _check_excludes(pre, settings)
         fn = quantize_nncf if settings.engine == "nncf" else quantize_onnxruntime
-        out = fn(pre, Path(tmp) / "q.onnx", data, settings)
+        out = fn(pre, Path(tmp) / "q.onnx", data, settings, notes)
         onnx.checker.check_model(str(out))
         Path(dst).parent.mkdir(parents=True, exist_ok=True)
         Path(out).replace(dst)

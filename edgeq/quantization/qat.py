@@ -32,6 +32,13 @@ The path, checked against the installed nncf 3.4 / torch 2.13:
 
 The ONNX file is written to a temporary name next to ``out_path`` and renamed only once
 the parity gate passed, so a failed run leaves no artifact at ``out_path``.
+
+Named inputs and outputs: the training split, the calibration samples and the check samples are
+Batches (``{input name: array}``; one array stands for a one-input model), every input is fed (in
+``input_names`` order, positionally) and every output is exported and checked. Without class labels
+(an embedder, a detector's regression head) the loss is distillation to the FP32 model's outputs on
+the training inputs: ``1 - cosine`` (``distill="cosine"``) or MSE (``distill="mse"``), summed over
+the outputs; the top-1 clause of the export check then does not apply (``classifier=False``).
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import copy
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,7 +72,7 @@ class QATResult:
     onnx_path: Path  # the QDQ INT8 ONNX model written
     epochs: list[dict]  # per epoch: {"epoch", "loss", "train_top1", "seconds"}
     parity_max_abs: float  # QAT ONNX (onnxruntime) vs QAT PyTorch model outputs on the check samples
-    parity_top1_agreement: float
+    parity_top1_agreement: float | None  # None: not a classifier (no top-1 clause)
     engine: str  # e.g. "nncf-torch-qat"
     notes: list[str] = field(default_factory=list)
 
@@ -73,7 +80,7 @@ class QATResult:
 @dataclass
 class ParityCheck:
     max_abs: float
-    top1_agreement: float  # on every check sample
+    top1_agreement: float | None  # on every check sample; None: not a classifier
     tolerance: float  # Thresholds.qat_parity_steps x the output's quantization step, at least int8_atol_floor
     output_step: float | None  # read from the exported graph; None: the graph gives none (the floor applies)
     step_source: str  # what the step was read from
@@ -85,32 +92,100 @@ class ParityCheck:
 
 
 # ---------------------------------------------------------------- inputs
-def _check_inputs(calibration: Iterable[np.ndarray], train_x, train_y, opset: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    if train_x is None or train_y is None or len(train_x) == 0:
-        raise SpecError("QAT needs training data: set data.train in the config (QAT fine-tunes on labelled samples)")
-    train_x = np.ascontiguousarray(np.asarray(train_x, dtype=np.float32))
-    train_y = np.asarray(train_y)
-    if train_y.ndim != 1 or len(train_y) != len(train_x):
-        raise SpecError(f"QAT training labels must be one int per sample: got x {train_x.shape}, y {train_y.shape}")
-    if not np.issubdtype(train_y.dtype, np.integer):
-        raise SpecError(f"QAT training labels must be integers (class ids), got dtype {train_y.dtype}")
-    calib = [np.ascontiguousarray(np.asarray(c, dtype=np.float32)) for c in calibration]
+Batch = dict[str, np.ndarray]
+
+
+def _names(name: str | Sequence[str]) -> list[str]:
+    return [name] if isinstance(name, str) else list(name)
+
+
+def _as_batch(x, names: list[str]) -> Batch | None:
+    """A Batch of every input; one array is the first input's (float32, as a one-input image model takes it)."""
+    if x is None:
+        return None
+    if isinstance(x, Mapping):
+        missing = [n for n in names if n not in x]
+        if missing:
+            raise SpecError(f"QAT data has no samples for model input(s) {missing} (it holds {sorted(x)})")
+        return {n: np.ascontiguousarray(np.asarray(x[n])) for n in names}
+    if len(names) != 1:
+        raise SpecError(f"QAT got one array of samples, but the model has inputs {names}: give {{input name: array}}")
+    return {names[0]: np.ascontiguousarray(np.asarray(x, dtype=np.float32))}
+
+
+def _n(batch: Batch) -> int:
+    return len(next(iter(batch.values())))
+
+
+def _take(batch: Batch, idx) -> Batch:
+    return {k: v[idx] for k, v in batch.items()}
+
+
+def _fits(shape: tuple[int, ...], want: tuple[int, ...], dynamic: set[int]) -> bool:
+    """A sample's shape fits `want` on every axis that is not dynamic."""
+    return len(shape) == len(want) and all(a in dynamic or g == w for a, (g, w) in enumerate(zip(shape, want)))
+
+
+def _check_inputs(calibration: Iterable, train_x, train_y, opset: int, names: list[str] | None = None,
+                  dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+                  needs_labels: bool = True) -> tuple[list[Batch], Batch, np.ndarray | None]:
+    names = names or ["input"]
+    train = _as_batch(train_x, names)
+    if train is None or _n(train) == 0 or (needs_labels and train_y is None):
+        raise SpecError("QAT needs training data: set data.train in the config (QAT fine-tunes on labelled samples, "
+                        "or distils the FP32 model's outputs on the training inputs)")
+    if needs_labels:
+        train_y = np.asarray(train_y)
+        if train_y.ndim != 1 or len(train_y) != _n(train):
+            shape = train[names[0]].shape if len(names) == 1 else {k: v.shape for k, v in train.items()}
+            raise SpecError(f"QAT training labels must be one int per sample: got x {shape}, y {train_y.shape}")
+        if not np.issubdtype(train_y.dtype, np.integer):
+            raise SpecError(f"QAT training labels must be integers (class ids), got dtype {train_y.dtype}")
+    else:
+        train_y = None
+    calib = [_as_batch(c, names) for c in calibration]
     if not calib:
         raise SpecError("QAT needs calibration samples to initialise the quantizer ranges: the calibration version is empty")
-    want = (1, *train_x.shape[1:])
-    bad = [i for i, c in enumerate(calib) if c.shape != want]
-    if bad:
-        raise SpecError(
-            f"calibration sample {bad[0]} has shape {calib[bad[0]].shape}, but the model's training inputs are "
-            f"{want} per sample ({len(bad)} of {len(calib)} samples differ): the calibration version does not match "
-            "the model's inputs"
-        )
+    dyn = dynamic_axes or {}
+    for name in names:
+        want = (1, *train[name].shape[1:])
+        axes = set(dyn.get(name, {})) - {0}
+
+        bad = [i for i, c in enumerate(calib) if not _fits(c[name].shape, want, axes)]
+        if bad:
+            what = "" if len(names) == 1 else f" for input {name!r}"
+            raise SpecError(
+                f"calibration sample {bad[0]}{what} has shape {calib[bad[0]][name].shape}, but the model's training "
+                f"inputs are {want} per sample ({len(bad)} of {len(calib)} samples differ): the calibration version "
+                "does not match the model's inputs"
+            )
+    if len(names) == 1:  # the image form: float32, as the FP32 model takes it
+        calib = [{k: np.ascontiguousarray(v, dtype=np.float32) for k, v in c.items()} for c in calib]
     if opset < MIN_QDQ_OPSET:
         raise SpecError(
             f"QAT exports per-channel QuantizeLinear/DequantizeLinear, which needs ONNX opset >= {MIN_QDQ_OPSET}; "
             f"the targets allow at most opset {opset}"
         )
-    return calib, train_x, train_y
+    return calib, train, train_y
+
+
+def _outputs(out) -> list[torch.Tensor]:
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def distillation_loss(kind: str) -> Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor]:
+    """Loss between the student's outputs and the FP32 teacher's, summed over the outputs: ``1 - cosine`` per sample
+    (mean) or MSE."""
+    def loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+        total = 0.0
+        for s_, t in zip(student, teacher):
+            s2, t2 = s_.reshape(len(s_), -1), t.reshape(len(t), -1)
+            if kind == "cosine":
+                total = total + (1.0 - torch.nn.functional.cosine_similarity(s2, t2, dim=1)).mean()
+            else:
+                total = total + torch.nn.functional.mse_loss(s2, t2)
+        return total
+    return loss
 
 
 # ---------------------------------------------------------------- BatchNorm folding
@@ -161,34 +236,47 @@ def _progress():
                     TextColumn("loss {task.fields[loss]:.4f}"), console=console, disable=not console.is_terminal)
 
 
-def _train(qmodel: torch.nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float, batch_size: int,
-           loss_fn: Callable, seed: int, on_epoch: Callable[[dict], None] | None) -> list[dict]:
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+def _train(qmodel: torch.nn.Module, x: Batch | np.ndarray, y: np.ndarray | None, epochs: int, lr: float,
+           batch_size: int, loss_fn: Callable, seed: int, on_epoch: Callable[[dict], None] | None,
+           teacher: torch.nn.Module | None = None) -> list[dict]:
+    """Fine-tune on `x` (every input, positionally): against labels `y` with `loss_fn(output, labels)`, or, with a
+    `teacher`, `loss_fn(student outputs, teacher outputs)` (distillation; no labels)."""
+    xs = [torch.from_numpy(a) for a in (x.values() if isinstance(x, Mapping) else [x])]
+    yt = None if y is None else torch.from_numpy(np.asarray(y).astype(np.int64))
+    n = len(xs[0])
     opt = torch.optim.Adam(qmodel.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     history: list[dict] = []
-    n_batches = (len(xt) + batch_size - 1) // batch_size
+    n_batches = (n + batch_size - 1) // batch_size
     with _progress() as progress:
         for ep in range(1, epochs + 1):
             task = progress.add_task(f"QAT epoch {ep}/{epochs}", total=n_batches, loss=float("nan"))
             qmodel.train()
             t0 = time.perf_counter()
             loss_sum, correct, seen = 0.0, 0, 0
-            for idx in torch.randperm(len(xt), generator=gen).split(batch_size):
-                xb, yb = xt[idx], yt[idx]
+            for idx in torch.randperm(n, generator=gen).split(batch_size):
+                xb = [t[idx] for t in xs]
                 opt.zero_grad()
-                out = qmodel(xb)
-                loss = loss_fn(out, yb)
+                out = qmodel(*xb)
+                if teacher is not None:
+                    with torch.no_grad():
+                        target = _outputs(teacher(*xb))
+                    loss = loss_fn(_outputs(out), target)
+                else:
+                    yb = yt[idx]
+                    loss = loss_fn(out, yb)
                 if not torch.isfinite(loss):
                     raise GateError(f"QAT loss became {float(loss)} in epoch {ep}: lower qat lr (now {lr})")
                 loss.backward()
                 opt.step()
                 loss_sum += float(loss.detach()) * len(idx)
-                correct += int((out.detach().argmax(1) == yb).sum())
+                if teacher is None:
+                    correct += int((out.detach().argmax(1) == yb).sum())
                 seen += len(idx)
                 progress.update(task, advance=1, loss=loss_sum / seen)
-            row = {"epoch": ep, "loss": loss_sum / seen, "train_top1": correct / seen,
-                   "seconds": time.perf_counter() - t0}
+            row = {"epoch": ep, "loss": loss_sum / seen, "seconds": time.perf_counter() - t0}
+            if teacher is None:
+                row["train_top1"] = correct / seen
             history.append(row)
             if on_epoch is not None:
                 on_epoch(dict(row))
@@ -209,9 +297,15 @@ def _set_export_mode(qmodel: torch.nn.Module, qdq: bool) -> int:
     return n
 
 
-def export_qdq(qmodel: torch.nn.Module, example: np.ndarray, input_name: str, output_name: str, opset: int,
-               out: Path) -> list[str]:
-    """Write the NNCF QAT model as a QDQ ONNX model with a dynamic ``batch`` axis. Returns notes."""
+def export_qdq(qmodel: torch.nn.Module, example: Batch | np.ndarray, input_name: str | Sequence[str],
+               output_name: str | Sequence[str], opset: int, out: Path,
+               dynamic_axes: Mapping[str, Mapping[int, str]] | None = None) -> list[str]:
+    """Write the NNCF QAT model as a QDQ ONNX model: every input (positionally, in `input_name` order) and output,
+    a dynamic ``batch`` axis and the inputs' other dynamic axes (`dynamic_axes`, e.g. a sequence). Returns notes."""
+    in_names, out_names = _names(input_name), _names(output_name)
+    example_b = _as_batch(example, in_names)
+    axes: dict[str, dict[int, str]] = {n: {0: "batch", **dict((dynamic_axes or {}).get(n, {}))} for n in in_names}
+    axes.update({n: {0: "batch"} for n in out_names})
     import onnx
 
     notes: list[str] = []
@@ -224,9 +318,9 @@ def export_qdq(qmodel: torch.nn.Module, example: np.ndarray, input_name: str, ou
         with ONNX_EXPORT_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # legacy-exporter deprecation, NNCF's .item() TracerWarnings
             torch.onnx.export(
-                qmodel, (torch.from_numpy(example),), str(out), dynamo=False, opset_version=export_opset,
-                input_names=[input_name], output_names=[output_name], do_constant_folding=True,
-                dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+                qmodel, tuple(torch.from_numpy(example_b[n]) for n in in_names), str(out), dynamo=False,
+                opset_version=export_opset, input_names=in_names, output_names=out_names, do_constant_folding=True,
+                dynamic_axes=axes,
             )
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"QAT model export to ONNX (opset {export_opset}) failed: {type(exc).__name__}: {exc}") from None
@@ -250,8 +344,9 @@ def export_qdq(qmodel: torch.nn.Module, example: np.ndarray, input_name: str, ou
 
 
 # ---------------------------------------------------------------- parity gate
-def check_export_parity(onnx_path: Path, torch_model: torch.nn.Module | Callable, samples: np.ndarray,
-                        input_name: str, batch_size: int = 64, thresholds: Thresholds | None = None) -> ParityCheck:
+def check_export_parity(onnx_path: Path, torch_model: torch.nn.Module | Callable, samples: Batch | np.ndarray,
+                        input_name: str | Sequence[str], batch_size: int = 64, thresholds: Thresholds | None = None,
+                        classifier: bool = True) -> ParityCheck:
     """Gate: the QDQ ONNX model (onnxruntime, CPU) must compute what the fake-quant model computes in PyTorch.
 
     The two cannot agree bit for bit: PyTorch fake-quantizes in float with NNCF's rounding,
@@ -274,25 +369,40 @@ def check_export_parity(onnx_path: Path, torch_model: torch.nn.Module | Callable
     that is a real disagreement. Flips of the other samples are near ties an allowed rounding
     difference can cause; they are reported (``near_ties``), not counted.
     Raises ``GateError`` with the numbers otherwise. `thresholds` default: ``Thresholds()``.
+
+    Every input is fed (`samples` a Batch; one array is `input_name`'s) and every output is checked, each with its
+    own step; the returned check is the worst output's. `classifier=False` (an embedding, a regression head): the
+    top-1 clause does not apply, the max-abs clause alone gates.
     """
     th = thresholds or Thresholds()
-    samples = np.ascontiguousarray(np.asarray(samples, dtype=np.float32))
-    if len(samples) == 0:
+    names = _names(input_name)
+    batch = _as_batch(samples, names)
+    if _n(batch) == 0:
         raise SpecError("the QAT export parity check needs at least one check sample")
     session = ort_session(onnx_path)
-    refs, gots = [], []
+    out_names = [o.name for o in session.get_outputs()]
+    refs: list[list[np.ndarray]] = []
+    gots: list[list[np.ndarray]] = []
     with torch.no_grad():
-        for start in range(0, len(samples), batch_size):
-            batch = samples[start : start + batch_size]
-            refs.append(np.asarray(torch_model(torch.from_numpy(batch)).detach().float().numpy()))
-            gots.append(np.asarray(session.run(None, {input_name: batch})[0], dtype=np.float32))
-    ref, got = np.concatenate(refs), np.concatenate(gots)
-    name = session.get_outputs()[0].name
-    step = output_step(load_onnx(onnx_path), name)
-    tolerance = step_tolerance(th.qat_parity_steps, step.step, th.int8_atol_floor, min_top1=th.qat_min_agreement)
-    rec = compare_output(name, ref, got, tolerance, labels=("PyTorch", "ONNX"), top1=True)
-    if rec.max_abs_diff is None:  # shapes differ: no number to hold against the tolerance
-        raise GateError(f"QAT export parity: {rec.error}")
+        for start in range(0, _n(batch), batch_size):
+            part = _take(batch, slice(start, start + batch_size))
+            refs.append([np.asarray(o.detach().float().numpy())
+                         for o in _outputs(torch_model(*[torch.from_numpy(part[n]) for n in names]))])
+            gots.append([np.asarray(o, dtype=np.float32) for o in session.run(out_names, part)])
+    graph = load_onnx(onnx_path)
+    worst = None
+    for j, name in enumerate(out_names):
+        ref, got = np.concatenate([r[j] for r in refs]), np.concatenate([g[j] for g in gots])
+        step_j = output_step(graph, name)
+        tol_j = step_tolerance(th.qat_parity_steps, step_j.step, th.int8_atol_floor,
+                               min_top1=th.qat_min_agreement if classifier and j == 0 else None)
+        rec_j = compare_output(name, ref, got, tol_j, labels=("PyTorch", "ONNX"),
+                               top1=classifier and j == 0)
+        if rec_j.max_abs_diff is None:  # shapes differ: no number to hold against the tolerance
+            raise GateError(f"QAT export parity: {rec_j.error}")
+        if worst is None or (worst[0].passed and not rec_j.passed):
+            worst = (rec_j, step_j)
+    rec, step = worst
     check = ParityCheck(max_abs=rec.max_abs_diff, top1_agreement=rec.top1_agreement, tolerance=rec.tolerance,
                         output_step=step.step, step_source=step.source, confident_samples=rec.confident_samples or 0,
                         confident_top1_agreement=rec.confident_top1_agreement, near_ties=rec.near_ties,
@@ -302,7 +412,8 @@ def check_export_parity(onnx_path: Path, torch_model: torch.nn.Module | Callable
               else f"thresholds.int8_atol_floor: {step.source}")
         agree = "n/a" if rec.confident_top1_agreement is None else f"{rec.confident_top1_agreement:.4f}"
         raise GateError(
-            f"QAT export parity failed: ONNX Runtime vs the QAT model in PyTorch on {rec.samples} check samples: "
+            f"QAT export parity failed{'' if len(out_names) == 1 else f' on output {rec.output!r}'}: ONNX Runtime vs "
+            f"the QAT model in PyTorch on {rec.samples} check samples: "
             f"max abs diff {rec.max_abs_diff:.4g} (sample {rec.worst_sample}) vs tolerance {rec.tolerance:.4g} "
             f"({of}); top-1 agreement {agree} on {rec.confident_samples or 0} confident samples (PyTorch top-1 "
             f"margin > tolerance; required {th.qat_min_agreement}; {rec.near_ties} near-tie flip(s) not counted). "
@@ -315,11 +426,11 @@ def check_export_parity(onnx_path: Path, torch_model: torch.nn.Module | Callable
 # ---------------------------------------------------------------- entry point
 def qat_finetune(
     model: torch.nn.Module,
-    calibration: Iterable[np.ndarray],
-    train_x: np.ndarray,
-    train_y: np.ndarray,
-    input_name: str,
-    output_name: str,
+    calibration: Iterable[np.ndarray | Mapping[str, np.ndarray]],
+    train_x: Batch | np.ndarray,
+    train_y: np.ndarray | None,
+    input_name: str | Sequence[str],
+    output_name: str | Sequence[str],
     opset: int,
     out_path: Path,
     epochs: int = 3,
@@ -331,6 +442,9 @@ def qat_finetune(
     seed: int = 0,
     reduce_range: bool | None = None,
     thresholds: Thresholds | None = None,
+    distill: str | None = None,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    classifier: bool = True,
 ) -> QATResult:
     """Fake-quant fine-tune `model` with NNCF and write a QDQ INT8 ONNX model to `out_path`.
 
@@ -348,19 +462,32 @@ def qat_finetune(
     `out_path`.
     `reduce_range` halves every weight quantizer's range (NNCF's overflow fix), which x86 CPUs without VNNI
     need to run U8S8 without saturating; None decides from this machine's CPU.
+
+    Named inputs/outputs: `input_name` / `output_name` may be lists (every input fed, every output exported and
+    checked); `calibration` items and `train_x` / `check_samples` may be Batches. `distill` ("cosine" or "mse")
+    trains against the FP32 model's outputs instead of labels (`train_y` may be None); `dynamic_axes` names the
+    inputs' non-batch dynamic axes for the export; `classifier=False` drops the top-1 clause of the export check.
     """
     import nncf
 
     th = thresholds or Thresholds()
-    calib, train_x, train_y = _check_inputs(calibration, train_x, train_y, opset)
+    in_names, out_names = _names(input_name), _names(output_name)
+    if distill not in (None, "cosine", "mse"):
+        raise SpecError(f"QAT distillation is 'cosine' or 'mse', got {distill!r}")
+    calib, train_x, train_y = _check_inputs(calibration, train_x, train_y, opset, in_names, dynamic_axes,
+                                            needs_labels=distill is None)
     if epochs < 1:
         raise SpecError(f"QAT needs at least one epoch (qat epochs = {epochs})")
     if batch_size < 1:
         raise SpecError(f"QAT batch size must be >= 1, got {batch_size}")
+    if distill is not None:
+        loss_fn = loss_fn or distillation_loss(distill)
+        if distill == "cosine":
+            classifier = False  # an embedding has no top-1
     loss_fn = loss_fn or torch.nn.functional.cross_entropy
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    checks = train_x[:32] if check_samples is None else np.asarray(check_samples, dtype=np.float32)
+    checks = _take(train_x, slice(0, 32)) if check_samples is None else _as_batch(check_samples, in_names)
     notes: list[str] = []
 
     from nncf.quantization.advanced_parameters import (
@@ -372,6 +499,7 @@ def qat_finetune(
     if reduce_range is None:
         reduce_range = x86_without_vnni()
 
+    teacher = copy.deepcopy(model).eval() if distill is not None else None
     fp32, folded, why = fold_batchnorm(model)
     notes.append(f"folded {folded} Conv+BatchNorm pair(s) before QAT" if why is None else
                  f"BatchNorm not folded (model not traceable by torch.fx: {why}); ONNX Runtime will run the convs "
@@ -379,7 +507,7 @@ def qat_finetune(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         t0 = time.perf_counter()
-        dataset = nncf.Dataset(calib, lambda a: torch.from_numpy(a))
+        dataset = nncf.Dataset(calib, lambda feed: tuple(torch.from_numpy(feed[n]) for n in in_names))
         qmodel = nncf.quantize(
             fp32, dataset, subset_size=len(calib),
             advanced_parameters=AdvancedQuantizationParameters(
@@ -389,21 +517,25 @@ def qat_finetune(
         notes.append(f"quantizer ranges initialised by nncf.quantize on {len(calib)} calibration samples "
                      f"({time.perf_counter() - t0:.1f} s; preset performance: symmetric per-channel int8 weights, "
                      "per-tensor activations (uint8 after ReLU-like ops), fast bias correction)")
-        history = _train(qmodel, train_x, train_y, epochs, lr, batch_size, loss_fn, seed, on_epoch)
-    notes.append(f"fine-tuned {epochs} epoch(s) on {len(train_x)} samples, Adam lr {lr}, batch {batch_size}, seed {seed}")
+        history = _train(qmodel, train_x, train_y, epochs, lr, batch_size, loss_fn, seed, on_epoch, teacher=teacher)
+    notes.append(f"fine-tuned {epochs} epoch(s) on {_n(train_x)} samples, Adam lr {lr}, batch {batch_size}, seed {seed}"
+                 + (f", distillation ({'1 - cosine' if distill == 'cosine' else 'MSE'}) to the FP32 model's outputs"
+                    if distill else ""))
 
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp.onnx")
     try:
-        notes += export_qdq(qmodel, checks[:1], input_name, output_name, opset, tmp)
-        parity = check_export_parity(tmp, qmodel, checks, input_name, batch_size=max(batch_size, 1), thresholds=th)
+        notes += export_qdq(qmodel, _take(checks, slice(0, 1)), in_names, out_names, opset, tmp, dynamic_axes)
+        parity = check_export_parity(tmp, qmodel, checks, in_names, batch_size=max(batch_size, 1), thresholds=th,
+                                     classifier=classifier)
         os.replace(tmp, out_path)
     finally:
         if tmp.exists():
             tmp.unlink()
     step = "no output step: the floor" if parity.output_step is None else f"output step {parity.output_step:.4g}"
+    top1 = ("top-1 n/a: not a classifier" if parity.top1_agreement is None else
+            f"top-1 agreement {parity.top1_agreement:.4f} ({parity.confident_samples} confident samples, "
+            f"{parity.near_ties} near-tie flips)")
     notes.append(f"export parity on {parity.samples} samples: max abs {parity.max_abs:.4g} <= tolerance "
-                 f"{parity.tolerance:.4g} ({th.qat_parity_steps:g} steps; {step}, {parity.step_source}); top-1 "
-                 f"agreement {parity.top1_agreement:.4f} ({parity.confident_samples} confident samples, "
-                 f"{parity.near_ties} near-tie flips)")
+                 f"{parity.tolerance:.4g} ({th.qat_parity_steps:g} steps; {step}, {parity.step_source}); {top1}")
     return QATResult(onnx_path=out_path, epochs=history, parity_max_abs=parity.max_abs,
                      parity_top1_agreement=parity.top1_agreement, engine=ENGINE, notes=notes)

@@ -208,21 +208,42 @@ def empty_split(c):
                                                                                     "path": str(empty)}))))
 
 
+def token_config_file(c, change_test: Callable[[dict], dict] | None = None, captures: dict | None = None) -> Path:
+    """A config for the two-input token encoder (tests/multi_input_models.py) on the case's store."""
+    from tests.multi_input_models import TinyEncoder, save_weights, token_config, write_token_splits
+
+    paths = write_token_splits(c.tmp / "tokens", sizes={"train": 20, "validation": 20, "test": 20, "pool": 20})
+    if change_test:
+        z = dict(np.load(paths["test"]))
+        np.savez(paths["test"], **change_test(z))
+    weights = save_weights(TinyEncoder(), c.tmp / "tokens" / "w.safetensors")
+    data = token_config(c.tmp, weights, paths, store=str(c.store))
+    if captures is not None:
+        data["data"]["captures"] = {"path": str(paths["captures"]), "metadata": str(paths["metadata"]),
+                                    "min_size": 1, **captures}
+    path = c.tmp / "tokens.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 def token_export(change: Callable[[dict], dict]):
-    """Export of the two-input token encoder (tests/multi_input_models.py) whose test split is `change`d."""
+    """Export of the two-input token encoder whose test split is `change`d."""
     def run(c):
         from edgeq.tasks.config import load_prepared
         from edgeq.tasks.export import export_to_store
-        from tests.multi_input_models import TinyEncoder, save_weights, token_config, write_token_splits
 
-        paths = write_token_splits(c.tmp / "tokens", sizes={"train": 20, "validation": 20, "test": 20, "pool": 20})
-        z = dict(np.load(paths["test"]))
-        np.savez(paths["test"], **change(z))
-        weights = save_weights(TinyEncoder(), c.tmp / "tokens" / "w.safetensors")
-        path = c.tmp / "tokens.yaml"
-        path.write_text(yaml.safe_dump(token_config(c.tmp, weights, paths, store=str(c.store))))
-        return export_to_store(load_prepared(path))
+        return export_to_store(load_prepared(token_config_file(c, change)))
     return run
+
+
+def token_captures_lacking_the_mask(c):
+    from edgeq.tasks.calibration import build_calibration_candidate
+    from edgeq.tasks.config import load_prepared
+
+    cfg = load_prepared(token_config_file(c, captures={}))
+    z = dict(np.load(cfg.data.captures.path))
+    np.savez(cfg.data.captures.path, input_ids=z["input_ids"])
+    return build_calibration_candidate(cfg)
 
 
 def _ragged(z: dict) -> dict:
@@ -421,6 +442,8 @@ CASES = [
     Case("export-token-all-zero-masks (NEW)",
          token_export(lambda z: {**z, "attention_mask": np.zeros_like(z["attention_mask"])}), GateError,
          r"parity gate: the parity samples are degenerate .* output 'embedding' is the same for all 16 samples"),
+    Case("calibration-token-captures-lacking-an-input (NEW)", token_captures_lacking_the_mask, SpecError,
+         r"capture array file .* has no array for model input\(s\) \['attention_mask'\]"),
     Case("check-truncated-onnx", check({"name": "t", "backend": "onnxruntime"}, truncated_onnx), ModelFileError,
          r"truncated.onnx is not a readable ONNX model \(truncated or corrupt file\?\)"),
     Case("check-onnx-external-data-outside-its-folder (NEW)",
