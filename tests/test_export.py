@@ -147,8 +147,18 @@ def test_op_without_onnx_symbolic_is_named(tmp_path, demo_root):
         export_to_store(cfg)
 
 
-def test_baked_batch_fails_the_probe_naming_the_axis(tmp_path, demo_root):
+def test_a_batch_read_as_a_python_int_is_refused_naming_the_line(tmp_path, demo_root):
+    """`int(x.shape[0])` while tracing: the trace holds the example's batch as a constant (a TracerWarning)."""
     cfg = _cfg(tmp_path, demo_root, model={"factory": "tests.edgeq_testmodels:baked_batch", "exporter": "torchscript"},
+               targets=[{"name": "old", "backend": "onnxruntime", "max_opset": 17}])
+    with pytest.raises(ExportError, match=r"turns a tensor's value into a Python integer at .*edgeq_testmodels.py:\d+"):
+        export_to_store(cfg)
+    assert _store_files(cfg) == []
+
+
+def test_a_literal_batch_fails_the_probe_naming_the_axis(tmp_path, demo_root):
+    """A literal size leaves no TracerWarning: the dynamic-shape probe is what finds it."""
+    cfg = _cfg(tmp_path, demo_root, model={"factory": "tests.edgeq_testmodels:literal_batch", "exporter": "torchscript"},
                targets=[{"name": "old", "backend": "onnxruntime", "max_opset": 17}])
     with pytest.raises(GateError, match=r"dynamic-shape probe: input 'image' axis 0 \('batch'\) at size 1"):
         export_to_store(cfg)

@@ -218,7 +218,7 @@ def load_raw_inputs(src: SplitSource, inputs: list[InputSpec]) -> tuple[Batch, n
     dict {input name: array} (or one array for a one-input model) and y labels or None.
     """
     names = [i.name for i in inputs]
-    what = f"data split {src.path or src.loader}"
+    what = f"data split from {src.path or src.loader}"
     if src.kind == "loader":
         out = load_object(src.loader)(**src.kwargs)
         if not (isinstance(out, tuple) and len(out) == 2):
@@ -284,7 +284,7 @@ def load_inputs(src: SplitSource, inputs: list[InputSpec], pp: Preprocess) -> tu
     """The model's input for every named input of one split, and its labels (None when the split has none)."""
     raw, y = load_raw_inputs(src, inputs)
     return preprocess_inputs(raw, inputs, pp, preprocessed=src.preprocessed,
-                             what=f"data split {src.path or src.loader}"), y
+                             what=f"data split from {src.path or src.loader}"), y
 
 
 # ---------------------------------------------------------------- content identity
