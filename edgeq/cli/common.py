@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from edgeq.core.quiet import quiet_environment
@@ -49,6 +50,10 @@ def quiet_expected_errors() -> None:
 
     ensure_logging_setup()  # creates the console handler that gets the filter (a no-op once Prefect set it up)
     hide_expected_errors((EdgeqError,))
+    # Prefect's background services drain their queues at exit and say so ("EventsWorker - Still processing items:
+    # 1 items remaining..."), after edgeq's one-line error; nothing is lost, and --verbose keeps the line.
+    for name in ("EventsWorker", "APILogWorker"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def run_flow(fn, *args, explain=None, **kwargs):
