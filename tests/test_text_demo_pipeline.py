@@ -47,6 +47,11 @@ def test_text_demo_calibrates_converts_and_publishes(prefect_server, text_demo_r
     assert stages["ONNX INT8"]["extra_metrics"]["retrieval overlap@10"] >= 0.96
     assert stages["device INT8"]["metric"] >= 0.999
     assert "cosine" in gates["device agreement"]["threshold"] and gates["device agreement"]["passed"]
+    # Both transformer-aware PTQ attempts ran and scored: NNCF's TRANSFORMER model loads in ONNX Runtime (its
+    # Reshape/Transpose after a Q/DQ pair hoisted, edgeq.quantization.ptq.hoist_transposes_above_qdq).
+    attempts = {a["attempt"].split(" (")[0]: a for a in manifest["quantization_attempts"]}
+    for name in ("ort PTQ transformer", "nncf PTQ transformer"):
+        assert not attempts[name]["error"] and attempts[name]["val cosine"] >= 0.999, attempts[name]
     int8 = bundle / "text-encoder-int8.onnx"
     assert int8.is_file() and manifest["files"]["text-encoder-int8.onnx"]
 

@@ -234,52 +234,80 @@ def quantize_nncf(src: Path, dst: Path, data: CalibrationReader, s: PTQSettings,
                               overflow_fix=OverflowFix.ENABLE if s.reduce_range else OverflowFix.FIRST_LAYER))
     moved = hoist_transposes_above_qdq(q)
     if moved and notes is not None:
-        notes.append(f"moved {moved} Transpose(s) from after a DequantizeLinear to before its QuantizeLinear "
-                       "(ONNX Runtime's QDQ transpose optimizer fails on them at opset >= 21)")
+        notes.append(f"moved {moved} Transpose/Reshape node(s) from after a per-tensor DequantizeLinear to before "
+                     "its QuantizeLinear (ONNX Runtime's QDQ transpose optimizer fails on them at opset >= 21)")
     onnx.save(q, str(dst))
     return dst
 
 
-def hoist_transposes_above_qdq(model: onnx.ModelProto) -> int:
-    """Rewrite ``x -> Q -> DQ -> Transpose`` as ``x -> Transpose -> Q -> DQ`` where the quantization is per tensor
-    and each link has one consumer; returns how many were moved.
+_LAYOUT_OPS = ("Transpose", "Reshape")  # a per-tensor quantization commutes with moving or regrouping the values
 
-    The same values either way (a per-tensor Q/DQ commutes with a transpose). NNCF places the Q/DQ of attention's
-    key before its Transpose; ONNX Runtime 1.32's transpose optimizer then rewrites that pair at opset >= 21 into a
-    QuantizeLinear whose `output_dtype` contradicts its zero point, and every session on the model fails to load.
+
+def _topological(graph) -> None:
+    """Re-order the graph's nodes so every node follows the producers of its inputs (stable otherwise)."""
+    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in ready for i in n.input):
+                ordered.append(n)
+                ready.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):  # a cycle or a missing input: leave the order as it was
+            return
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def hoist_transposes_above_qdq(model: onnx.ModelProto) -> int:
+    """Rewrite ``x -> Q -> DQ -> Transpose|Reshape`` as ``x -> Transpose|Reshape -> Q -> DQ`` where the quantization
+    is per tensor and each link has one consumer, until nothing moves; returns how many were moved.
+
+    The same values either way (a per-tensor Q/DQ commutes with a transpose or a reshape). NNCF places the Q/DQ of
+    attention's projections before the `view` (Reshape) and Transpose that split the heads; ONNX Runtime 1.32's
+    transpose optimizer then rewrites such a pair at opset >= 21 into a QuantizeLinear whose `output_dtype`
+    contradicts its zero point ("Node (view_q) ... output_dtype INT8 does not match y_zero_point type UINT8"), and
+    every session on the model fails to load.
     """
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
     outputs = {o.name for o in graph.output}
-    producer = {o: n for n in graph.node for o in n.output}
     moved = 0
-    for t in list(graph.node):
-        if t.op_type != "Transpose" or not t.input:
-            continue
-        dq = producer.get(t.input[0])
-        if dq is None or dq.op_type != "DequantizeLinear" or len(consumers.get(dq.output[0], [])) != 1:
-            continue
-        q = producer.get(dq.input[0])
-        if q is None or q.op_type != "QuantizeLinear" or len(consumers.get(q.output[0], [])) != 1:
-            continue
-        scale = inits.get(q.input[1]) if len(q.input) > 1 else None
-        if scale is None or int(np.prod(scale.dims)) != 1 or {dq.output[0], q.output[0]} & outputs:
-            continue
-        x, y = q.input[0], t.output[0]
-        mid = f"{y}__pre_qdq"
-        t.input[0], t.output[0] = x, mid
-        q.input[0] = mid
-        dq.output[0] = y
-        nodes = list(graph.node)
-        nodes.remove(t)
-        nodes.insert(nodes.index(q), t)
-        del graph.node[:]
-        graph.node.extend(nodes)
-        moved += 1
+    while True:
+        consumers: dict[str, list] = {}
+        for n in graph.node:
+            for i in n.input:
+                consumers.setdefault(i, []).append(n)
+        producer = {o: n for n in graph.node for o in n.output}
+        step = 0
+        for t in list(graph.node):
+            if t.op_type not in _LAYOUT_OPS or not t.input:
+                continue
+            dq = producer.get(t.input[0])
+            if dq is None or dq.op_type != "DequantizeLinear" or len(consumers.get(dq.output[0], [])) != 1:
+                continue
+            q = producer.get(dq.input[0])
+            if q is None or q.op_type != "QuantizeLinear" or len(consumers.get(q.output[0], [])) != 1:
+                continue
+            scale = inits.get(q.input[1]) if len(q.input) > 1 else None
+            dq_scale = inits.get(dq.input[1]) if len(dq.input) > 1 else None
+            if (scale is None or dq_scale is None or int(np.prod(scale.dims)) != 1 or int(np.prod(dq_scale.dims)) != 1
+                    or {dq.output[0], q.output[0]} & outputs):
+                continue
+            x, y = q.input[0], t.output[0]
+            mid = f"{y}__pre_qdq"
+            t.input[0], t.output[0] = x, mid
+            q.input[0] = mid
+            dq.output[0] = y
+            step += 1
+            break  # the maps are stale now: rebuild them
+        if not step:
+            break
+        moved += step
+        _topological(graph)
     return moved
 
 
