@@ -15,8 +15,7 @@ from edgeq.core.data import (
     split_batch_content_ids,
     split_content_ids,
 )
-from edgeq.core.errors import SpecError
-from edgeq.core.errors import GateError
+from edgeq.core.errors import GateError, SpecError
 from edgeq.core.modeling import build_model
 from edgeq.core.specs import EdgeqConfig, Preprocess
 from edgeq.core.store import ArtifactRef, ArtifactStore

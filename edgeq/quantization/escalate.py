@@ -395,9 +395,15 @@ def climb(ctx: Escalation, ladder: list[Rung]) -> None:
 
 
 # ---------------------------------------------------------------- the choice
-def choose_attempt(attempts: list[Attempt], deploy_target: str) -> Attempt | None:
-    """The most accurate eligible attempt (meets the SLA, every required target takes it; metric to 6 places), the
-    fastest on `deploy_target` among equals; None when no attempt is eligible."""
+# Metric differences under this share of `thresholds.int8_max_drop` are ties (noise next to what the SLA allows);
+# the faster attempt on the deployment target wins a tie.
+TIE_SHARE_OF_SLA = 0.1
+
+
+def choose_attempt(attempts: list[Attempt], deploy_target: str, max_drop: float = 0.0) -> Attempt | None:
+    """The eligible attempt (meets the SLA, every required target takes it) fastest on `deploy_target` among those
+    within `TIE_SHARE_OF_SLA` x `max_drop` of the most accurate one (the most accurate when only one is); None when
+    no attempt is eligible. Metrics are compared to 6 places, so equal metrics tie even with `max_drop` 0."""
     passing = [a for a in attempts if a.eligible]
     if not passing:
         return None
@@ -406,7 +412,9 @@ def choose_attempt(attempts: list[Attempt], deploy_target: str) -> Attempt | Non
         lat = next((lat for lat in a.latency if lat.target == deploy_target and lat.int8_ms), None)
         return lat.int8_ms if lat else float("inf")
 
-    return max(passing, key=lambda a: (round(a.metric, 6), -deploy_ms(a)))
+    best = max(round(a.metric, 6) for a in passing)
+    near = [a for a in passing if round(a.metric, 6) >= best - TIE_SHARE_OF_SLA * max_drop - 1e-12]
+    return min(near, key=lambda a: (deploy_ms(a), -round(a.metric, 6), a.index))
 
 
 def speed_verdict(chosen: Attempt, deploy_target: str) -> tuple[bool | None, str]:
@@ -493,7 +501,7 @@ def run_quantization(
             attention=attention, max_drop=cfg.thresholds.int8_max_drop, calibration_version=calibration_version,
             calibration_samples=len(calib), policy=policy, types=base.types, types_reason=types_reason,
             deploy_target=deploy.name, attempts=ctx.attempts, sensitivity=ctx.sensitivity)
-        chosen = choose_attempt(ctx.attempts, deploy.name)
+        chosen = choose_attempt(ctx.attempts, deploy.name, ctx.cfg.thresholds.int8_max_drop)
         if chosen is None:
             refused: dict[str, str] = {}
             for a in ctx.attempts:

@@ -97,3 +97,13 @@ def test_one_reader_calibrates_attempt_after_attempt_alike(tmp_path, engine):
         return {i.name: onnx.numpy_helper.to_array(i).tolist() for i in m.graph.initializer if "scale" in i.name}
 
     assert scales(first) and scales(first) == scales(second)
+
+
+def test_attempts_within_a_tenth_of_the_sla_are_ties_and_the_faster_one_ships():
+    """The text demo's two transformer attempts scored 0.9998 and 0.9997 (cosine; SLA drop 0.01): noise next to
+    what the SLA allows, while one ran 1.6x slower on the deployment target. Outside the band accuracy still wins."""
+    near = [_attempt(0, 0.9997, True, 0.5), _attempt(1, 0.9998, True, 0.8)]
+    assert choose_attempt(near, "cpu", max_drop=0.01).index == 0
+    assert choose_attempt(near, "cpu").index == 1  # no band: the more accurate
+    far = [_attempt(0, 0.995, True, 0.5), _attempt(1, 0.9998, True, 0.8)]
+    assert choose_attempt(far, "cpu", max_drop=0.01).index == 1
