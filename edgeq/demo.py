@@ -18,7 +18,6 @@ A stamp file records the content hashes; a second call finds it and does nothing
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from torch import nn
 from edgeq.core.data import load_split, pixel_hash
 from edgeq.core.errors import SpecError
 from edgeq.core.specs import EdgeqConfig
+from edgeq.core.store import build_once
 
 DEMO_VERSION = "1"
 SPLITS = {"train": 900, "validation": 200, "test": 297, "pool": 400}
@@ -174,19 +174,7 @@ def _build(root: Path) -> dict:
 
 def ensure_demo(root: str | Path = ".edgeq/demo") -> Path:
     """Build the demo data and model into `root` unless it is already there (then a no-op)."""
-    root = Path(root)
-    stamp = root / _STAMP
-    if stamp.is_file():
-        try:
-            if json.loads(stamp.read_text()).get("version") == DEMO_VERSION:
-                return root
-        except json.JSONDecodeError:
-            pass
-    info = _build(root)
-    tmp = stamp.with_name(_STAMP + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, stamp)
-    return root
+    return build_once(root, DEMO_VERSION, _build, _STAMP)
 
 
 def train_digits_demo(config: EdgeqConfig, epochs: int = 40, seed: int = 0):

@@ -48,6 +48,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from edgeq.core.store import build_once
+
 TEXT_DEMO_VERSION = "1"
 _STAMP = "demo.json"
 MAX_LEN = 32
@@ -465,19 +467,7 @@ def _build(root: Path) -> dict:
 
 def ensure_text_demo(root: str | Path = ".edgeq/text-demo") -> Path:
     """Build the text demo's data and encoder into `root` unless it is already there (then a no-op)."""
-    root = Path(root)
-    stamp = root / _STAMP
-    if stamp.is_file():
-        try:
-            if json.loads(stamp.read_text()).get("version") == TEXT_DEMO_VERSION:
-                return root
-        except json.JSONDecodeError:
-            pass
-    info = _build(root)
-    tmp = stamp.with_name(_STAMP + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, stamp)
-    return root
+    return build_once(root, TEXT_DEMO_VERSION, _build, _STAMP)
 
 
 def train_text_demo(config, epochs: int = 10, seed: int = 0) -> TextEncoder:

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from tests.reliability.rel_helpers import FAST_TARGETS, child_env, fast_config

@@ -14,6 +14,7 @@ import json
 import os
 import uuid
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import fsspec
@@ -39,6 +40,24 @@ def sha256_file(path: str | Path) -> str:
 def sha256_json(obj: Any) -> str:
     """Stable hash of JSON-able data (sorted keys, no whitespace)."""
     return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
+
+
+def build_once(root: str | Path, version: int, build: Callable[[Path], dict], stamp: str = "demo.json") -> Path:
+    """Build a folder with `build(root)` unless `root/stamp` already says `version` (then a no-op). The stamp,
+    `build`'s returned dict plus the version, is written last and atomically: an interrupted build is redone."""
+    root = Path(root)
+    path = root / stamp
+    if path.is_file():
+        try:
+            if json.loads(path.read_text()).get("version") == version:
+                return root
+        except json.JSONDecodeError:
+            pass
+    info = build(root)
+    tmp = path.with_name(stamp + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, path)
+    return root
 
 
 class ArtifactRef(BaseModel):
