@@ -28,6 +28,7 @@ from edgeq.core.data import (
     check_inputs,
     pixel_hash,
     read_image,
+    read_npz_inputs,
     read_table,
     resolve_inside,
     take,
@@ -239,23 +240,8 @@ def read_capture_arrays(spec: CaptureSpec, inputs: list[InputSpec]) -> Batch:
         return check_inputs({names[0]: np.load(path, mmap_mode="r", allow_pickle=False)}, None, inputs, what)
     if path.suffix != ".npz":
         raise SpecError(f"captures {path} must be a folder of images or a .npy/.npz file")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            keys = list(z.keys())
-            if len(names) == 1 and names[0] not in z and "x" in z:
-                raw = {names[0]: z["x"]}
-            else:
-                raw = {n: z[n] for n in names if n in z}
-    except ValueError as exc:
-        if "allow_pickle" in str(exc):
-            raise SpecError(f"{what} holds a ragged or object array, which edgeq does not unpickle: store one "
-                            f"numeric array per input with every sample padded to one length") from None
-        raise SpecError(f"{what} cannot be read: {exc}") from None
-    missing = [n for n in names if n not in raw]
-    if missing:
-        raise SpecError(f"{what} has no array for model input(s) {missing} (it holds {keys}): captures hold one "
-                        f"array per model input name ({', '.join(names)}), rows addressed by the metadata's "
-                        f"{spec.index_column!r} column")
+    raw, _ = read_npz_inputs(path, names, what, f"captures hold one array per model input name "
+                             f"({', '.join(names)}), rows addressed by the metadata's {spec.index_column!r} column")
     return check_inputs(raw, None, inputs, what)
 
 

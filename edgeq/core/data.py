@@ -210,6 +210,29 @@ def check_inputs(raw: Mapping[str, object], y, inputs: list[InputSpec], what: st
     return out
 
 
+def read_npz_inputs(path: Path, names: list[str], what: str, layout: str) -> tuple[Batch, np.ndarray | None]:
+    """One array per model input name from an .npz (a one-input model may name its array ``x``), and ``y`` when
+    present. A ragged or object array, an unreadable file or a missing input is a SpecError naming `what`;
+    `layout` says how the file should be laid out."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = list(z.keys())
+            if len(names) == 1 and names[0] not in z and "x" in z:
+                raw = {names[0]: z["x"]}
+            else:
+                raw = {n: z[n] for n in names if n in z}
+            y = z["y"] if "y" in z else None
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise SpecError(f"{what} holds a ragged or object array, which edgeq does not unpickle: store one "
+                            "numeric array per input with every sample padded to one length") from None
+        raise SpecError(f"{what} cannot be read: {exc}") from None
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise SpecError(f"{what} has no array for model input(s) {missing} (it holds {keys}): {layout}")
+    return raw, y
+
+
 def load_raw_inputs(src: SplitSource, inputs: list[InputSpec]) -> tuple[Batch, np.ndarray | None]:
     """Raw (unpreprocessed) samples of every model input, and the labels, of one split, checked (`check_inputs`).
 
@@ -242,23 +265,8 @@ def load_raw_inputs(src: SplitSource, inputs: list[InputSpec]) -> tuple[Batch, n
     path = src.path
     if not path.is_file():
         raise SpecError(f"array file {path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            keys = list(z.keys())
-            if len(names) == 1 and names[0] not in z and "x" in z:
-                raw = {names[0]: z["x"]}
-            else:
-                raw = {n: z[n] for n in names if n in z}
-            y = z["y"] if "y" in z else None
-    except ValueError as exc:
-        if "allow_pickle" in str(exc):
-            raise SpecError(f"array file {path} holds a ragged or object array, which edgeq does not unpickle: store "
-                            "one numeric array per input with every sample padded to one length") from None
-        raise SpecError(f"array file {path} cannot be read: {exc}") from None
-    if len(raw) < len(names):
-        missing = [n for n in names if n not in raw]
-        raise SpecError(f"array file {path} has no array for model input(s) {missing} (it holds {keys}): an .npz "
-                        f"holds one array per model input name ({names}), and optionally 'y'")
+    raw, y = read_npz_inputs(path, names, f"array file {path}",
+                             f"an .npz holds one array per model input name ({names}), and optionally 'y'")
     return check_inputs(raw, y, inputs, what), y
 
 
