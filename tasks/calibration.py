@@ -177,6 +177,16 @@ def rich_progress(description: str) -> Iterator[Callable[[int, int], None]]:
         yield lambda done, total: bar.update(tid, completed=done, total=total)
 
 
+def _leakage_notes(cfg: EdgeqConfig, manifest_check: str) -> list[str]:
+    """What the training-set leakage filter could not check, for the coverage report: nothing with a training
+    split; with only a training manifest, `manifest_check` says what it was checked against."""
+    if cfg.data.train is not None:
+        return []
+    if cfg.data.train_manifest is None:
+        return ["no training manifest or split: training-set leakage was not checked"]
+    return [f"no training split in the config: training-set leakage was checked against {manifest_check}"]
+
+
 def _train_raw(cfg: EdgeqConfig) -> np.ndarray | None:
     """The training split's raw values in the model's layout (augmentation filter, report).
 
@@ -333,11 +343,8 @@ def build_candidate(cfg: EdgeqConfig, store: ArtifactStore, state: PoolState, se
     notes = list(selection.notes)
     if cfg.data.train is None:
         notes.append("no training split in the config: flips/crops/jitters of training images were not checked")
-    if cfg.data.train is None and cfg.data.train_manifest is None:
-        notes.append("no training manifest or split: training-set leakage was not checked")
-    elif cfg.data.train is None:
-        notes.append("no training split in the config: training-set leakage was checked against the pixel hashes "
-                     "of data.train_manifest only, which miss a copy stored in another dtype or layout")
+    notes += _leakage_notes(cfg, "the pixel hashes of data.train_manifest only, which miss a copy stored in another "
+                                 "dtype or layout")
     report = coverage_report(table, rows, spec.strata, selection.target_size, selection.min_size, x, train_x,
                              spec.expected_strata, notes)
 
@@ -398,11 +405,7 @@ def _build_inputs_candidate(cfg: EdgeqConfig, store: ArtifactStore, state: PoolS
     train_x = _train_inputs(cfg)
     names = [i.name for i in inputs]
     notes = list(selection.notes) + [_NOT_IMAGE_NOTE.format(names=names)]
-    if cfg.data.train is None and cfg.data.train_manifest is None:
-        notes.append("no training manifest or split: training-set leakage was not checked")
-    elif cfg.data.train is None:
-        notes.append("no training split in the config: training-set leakage was checked against the content ids "
-                     "listed in data.train_manifest only")
+    notes += _leakage_notes(cfg, "the content ids listed in data.train_manifest only")
     report = inputs_coverage_report(table, rows, spec.strata, selection.target_size, selection.min_size, x, train_x,
                                     inputs, spec.expected_strata, notes)
 
