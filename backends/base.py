@@ -10,7 +10,10 @@ A backend answers, for one target (a `TargetSpec`):
 - ``load_runner(prepared, target)``: a `Runner` (backends/runner.py) on a prepared form;
 - ``runner(model_path, target)``: prepare into a temporary folder and return a runner on it;
 - ``check_compiles(model_path, target)``: a structured `CompileReport` (never raises for a target
-  problem: an unsupported op, an opset too high or a failed compile is a ``failed`` row).
+  problem: an unsupported op, an opset too high or a failed compile is a ``failed`` row);
+- ``explain_int8(model_path, target)``: why an INT8 model is (not) fast there, per op type: which quantized
+  Conv/MatMul/Gemm run integer kernels and which still run in float (`KernelRow`s; the default says the
+  backend cannot tell).
 
 The stages never compare backend names: they ask a backend's capabilities (``compiles``,
 ``measures_latency``, ``ships_compiled_form``, ``default_device_stage``) and its per-target answers
@@ -29,6 +32,8 @@ import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
+
+from pydantic import BaseModel, Field
 
 from edgeq.backends.records import CompileReport, Int8Scheme, PreparedModel, UnsupportedOp
 from edgeq.backends.runner import Runner, _TempRunner, benchmark
@@ -79,6 +84,67 @@ def x86_cpu_scheme(runtime: str) -> Int8Scheme:
     return Int8Scheme(types="u8s8", reason=(
         f"{runtime} on an x86 CPU: unsigned activations + signed weights map onto VNNI kernels; measured, signed "
         "activations left ops unfused and ran no faster than FP32"))
+
+
+# ---------------------------------------------------------------- INT8 kernels
+class KernelRow(BaseModel):
+    """One op type of an INT8 model as a runtime runs it: how many of its nodes run an integer kernel, how many
+    quantized ones still run in float (a DequantizeLinear feeding a float op: not fused), and which.
+
+    `note` alone ("not available: why") when the runtime cannot say. Times (ONNX Runtime's profiler, OpenVINO's
+    PERF_COUNT) are the sum over these nodes of each one's median ms per inference, in the INT8 model and in the
+    FP32 model on the same target; the profilers' own overhead inflates them a little, so compare rows, not totals.
+    """
+
+    runtime: str
+    target: str
+    op_type: str = Field(description="the model's op (Conv, MatMul, Gemm) or the runtime's layer type")
+    integer: int = 0
+    float_quantized: int = Field(0, description="quantized in the model, run in float (DequantizeLinear -> float op)")
+    float_unquantized: int = Field(0, description="float in the model (kept FP32 by the quantizer), run in float")
+    kernels: str = Field("", description="what ran, e.g. 'QLinearConv x3' or 'jit_gemm_i8 x12 (i8)'")
+    unfused: list[str] = Field(default_factory=list, description="names of the quantized nodes that run in float")
+    int8_ms: float | None = None
+    fp32_ms: float | None = None
+    fp32_kernels: str = ""
+    note: str = ""
+
+    def row(self) -> dict:
+        """The flat table row shown in the Prefect UI."""
+        named = ", ".join(self.unfused[:20]) + (f" … (+{len(self.unfused) - 20})" if len(self.unfused) > 20 else "")
+        return {"target": self.target, "runtime": self.runtime, "op": self.op_type, "integer kernel": self.integer,
+                "float (quantized, not fused)": self.float_quantized, "float (kept FP32)": self.float_unquantized,
+                "kernels": self.kernels, "int8 ms": None if self.int8_ms is None else round(self.int8_ms, 4),
+                "fp32 ms": None if self.fp32_ms is None else round(self.fp32_ms, 4), "fp32 kernels": self.fp32_kernels,
+                "not fused": named, "note": self.note}
+
+
+# Ops that move or reshape data without computing on it: a DequantizeLinear behind them still feeds the next op.
+_PASS_THROUGH = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "ReorderInput",
+                           "ReorderOutput", "Cast", "Expand", "Gather", "Slice", "Split", "Concat"})
+
+
+def dequantized_inputs(graph) -> dict[str, list[str]]:
+    """node name -> its inputs that come from a DequantizeLinear (directly or through data-movement ops)."""
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def from_dq(name: str, depth: int = 0) -> bool:
+        node = producer.get(name)
+        if node is None or depth > 6:
+            return False
+        if node.op_type == "DequantizeLinear":
+            return True
+        return node.op_type in _PASS_THROUGH and bool(node.input) and from_dq(node.input[0], depth + 1)
+
+    return {node_label(n): [i for i in n.input if i and from_dq(i)] for n in graph.node}
+
+
+def kernel_counts(names: list[str]) -> str:
+    """'A x2, B x1' in order of frequency."""
+    counts: dict[str, int] = {}
+    for n in names:
+        counts[n] = counts.get(n, 0) + 1
+    return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 # ---------------------------------------------------------------- backend
@@ -132,6 +198,14 @@ class Backend(ABC):
     def no_compiled_form_reason(self, target) -> str:
         """Why a published bundle has no prepared form for `target` (read when `ships_compiled_form` is False)."""
         return f"backend {self.name!r} ships no compiled form"
+
+    def explain_int8(self, model_path: str | Path, target, fp32_path: str | Path | None = None,
+                     feeds: dict | None = None) -> list[KernelRow]:
+        """Per op type, how the runtime runs the INT8 model at `model_path` on `target`: integer kernels against
+        quantized nodes left in float, naming those (`fp32_path`/`feeds`: the FP32 model and real batch-1 inputs,
+        for a runtime that times layers). Default: one row saying this backend cannot tell."""
+        return [KernelRow(runtime=self.name, target=target.name, op_type="-",
+                          note=f"not available: the {self.name} backend does not report the kernels each layer ran")]
 
     def runs_reference_runtime(self, target) -> bool:
         """Whether `target` runs a model on the runtime and device of four-way validation's ONNX rows (ONNX

@@ -8,12 +8,14 @@ optimized model saved next to it; the runner runs the optimized file.
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from edgeq.backends.base import Backend, fix_batch, x86_cpu_scheme
+from edgeq.backends.base import Backend, KernelRow, dequantized_inputs, fix_batch, kernel_counts, x86_cpu_scheme
 from edgeq.backends.records import Int8Scheme, PreparedModel, UnsupportedOp
 from edgeq.backends.runner import Runner, default_threads
 from edgeq.core.errors import EdgeqError
@@ -25,8 +27,9 @@ from edgeq.core.onnx_graph import (
     load_onnx,
     node_label,
     onnx_precision,
+    sample_feeds,
 )
-from edgeq.core.ort import ort_session
+from edgeq.core.ort import ort_session, session_options
 
 # Highest opset each ONNX Runtime release implements (ONNX Runtime's compatibility table).
 _ORT_MAX_OPSET = {(1, 20): 21, (1, 21): 22, (1, 22): 22, (1, 23): 23}
@@ -58,6 +61,153 @@ def _graph_level_op(op_type: str) -> bool:
     except onnx.defs.SchemaError:
         return False
     return bool(schema.has_function or schema.has_context_dependent_function)
+
+
+# ONNX Runtime 1.32 CPU kernels that compute a Conv/MatMul/Gemm in integers (ONNX and com.microsoft domains), and the
+# op each one stands for. MatMulNBits keeps activations in float (weight-only).
+INTEGER_KERNELS = {
+    "QLinearConv": "Conv", "ConvInteger": "Conv",
+    "QLinearMatMul": "MatMul", "MatMulInteger": "MatMul", "MatMulIntegerToFloat": "MatMul",
+    "DynamicQuantizeMatMul": "MatMul", "MatMulInteger16": "MatMul",
+    "QGemm": "Gemm", "QAttention": "Attention", "DynamicQuantizeLSTM": "LSTM",
+}
+# Float kernels (after ONNX Runtime's fusions and NCHWc layout) and the op each one stands for.
+FLOAT_KERNELS = {
+    "Conv": "Conv", "FusedConv": "Conv", "ConvTranspose": "ConvTranspose",
+    "MatMul": "MatMul", "FusedMatMul": "MatMul", "MatMulNBits": "MatMul",
+    "Gemm": "Gemm", "FusedGemm": "Gemm", "Attention": "Attention", "LSTM": "LSTM",
+}
+
+
+def _original_name(name: str) -> str:
+    """ONNX Runtime's layout transforms rename a node `<name>_token_<n>`."""
+    return re.sub(r"(_token_\d+)+$", "", name)
+
+
+def _op_of(node, orig_type: dict[str, str]) -> str | None:
+    """The model op a runtime node computes (Conv, MatMul, Gemm...), None for a node that is not one."""
+    if node.op_type not in INTEGER_KERNELS and node.op_type not in FLOAT_KERNELS:
+        return None
+    name = node_label(node)
+    op = orig_type.get(_original_name(name)) or orig_type.get(name)
+    if op is None or op in ("QuantizeLinear", "DequantizeLinear"):
+        op = INTEGER_KERNELS.get(node.op_type) or FLOAT_KERNELS[node.op_type]
+    return op
+
+
+def _kernel_name(node) -> str:
+    return (f"{node.domain}." if node.domain not in ("", "ai.onnx", "com.microsoft") else "") + node.op_type
+
+
+def classify_optimized_graph(optimized, original, runtime: str, target: str, times: dict[str, float] | None = None,
+                             fp32: tuple | None = None) -> list[KernelRow]:
+    """Rows per op type from ONNX Runtime's optimized graph (`optimized`) of an INT8 model (`original`).
+
+    An integer kernel counts under the op it replaced; a float Conv/MatMul/Gemm fed by a DequantizeLinear is a
+    quantized node ONNX Runtime did not fuse (it dequantizes, then runs the float kernel); one with no
+    DequantizeLinear input was kept in float by the quantizer. Then a row for the QuantizeLinear/DequantizeLinear
+    nodes left between kernels (each a float<->int8 conversion) and one for every other node. `times`: ms per
+    node name (ONNX Runtime's profiler); `fp32`: (optimized graph, original graph, times) of the FP32 model, whose
+    kernels and times go beside each row."""
+    orig_type = {node_label(n): n.op_type for n in original.graph.node}
+    dq_in = dequantized_inputs(optimized.graph)
+    timed = times is not None
+    times = times or {}
+    rows: dict[str, KernelRow] = {}
+    kernels: dict[str, list[str]] = {}
+    conversions = KernelRow(runtime=runtime, target=target, op_type="QuantizeLinear/DequantizeLinear",
+                            int8_ms=0.0 if timed else None,
+                            note="float<->int8 conversions left between kernels (each one a pass over the tensor)")
+    other = KernelRow(runtime=runtime, target=target, op_type="other nodes", int8_ms=0.0 if timed else None,
+                      note="every other node (elementwise, pooling, layout, normalisation)")
+    conv_kinds: list[str] = []
+    for n in optimized.graph.node:
+        name = node_label(n)
+        ms = times.get(name, 0.0)
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            conv_kinds.append(n.op_type)
+            if timed:
+                conversions.int8_ms += ms
+            continue
+        op = _op_of(n, orig_type)
+        if op is None:
+            other.float_unquantized += 1
+            if timed:
+                other.int8_ms += ms
+            continue
+        base = _original_name(name)
+        row = rows.setdefault(op, KernelRow(runtime=runtime, target=target, op_type=op, int8_ms=0.0 if timed else None))
+        kernels.setdefault(op, []).append(_kernel_name(n))
+        if timed:
+            row.int8_ms += ms
+        if n.op_type in INTEGER_KERNELS:
+            row.integer += 1
+        elif n.op_type == "MatMulNBits":
+            row.float_quantized += 1
+            row.unfused.append(f"{base} (MatMulNBits: weight-only, float activations)")
+        elif dq_in.get(name):
+            row.float_quantized += 1
+            row.unfused.append(base)
+        else:
+            row.float_unquantized += 1
+    for op, row in rows.items():
+        row.kernels = kernel_counts(kernels[op])
+    conversions.kernels = kernel_counts(conv_kinds)
+    out = sorted(rows.values(), key=lambda r: r.op_type)
+    if conv_kinds:
+        out.append(conversions)
+    if timed:
+        out.append(other)
+    if fp32 is not None:
+        f_opt, f_orig, f_times = fp32
+        f_type = {node_label(n): n.op_type for n in f_orig.graph.node}
+        f_kernels: dict[str, list[str]] = {}
+        other.fp32_ms = 0.0
+        for n in f_opt.graph.node:
+            op, ms = _op_of(n, f_type), f_times.get(node_label(n), 0.0)
+            row = other if op is None else rows.get(op)
+            if row is None:
+                row = rows[op] = KernelRow(runtime=runtime, target=target, op_type=op)
+                out.insert(0, row)
+            row.fp32_ms = (row.fp32_ms or 0.0) + ms
+            if op is not None:
+                f_kernels.setdefault(op, []).append(_kernel_name(n))
+        for op, names in f_kernels.items():
+            rows[op].fp32_kernels = kernel_counts(names)
+    return out
+
+
+def profile_nodes(path: Path, target, providers: list[str], feeds: dict | None, optimized: Path, prefix: Path,
+                  runs: int = 20, budget_s: float = 2.0) -> dict[str, float]:
+    """Median ms per node of the model at `path` run as the runner runs it (graph optimization "all"), from ONNX
+    Runtime's profiler; the optimized graph is written to `optimized`."""
+    import json
+    import time
+
+    import onnxruntime as ort
+
+    so = session_options(threads=target.threads or default_threads(), optimization="all",
+                         optimized_model_path=optimized, log_severity=4)
+    so.enable_profiling = True
+    so.profile_file_prefix = str(prefix)
+    session = ort.InferenceSession(str(path), so, providers=providers)
+    if feeds is None:
+        feeds = sample_feeds([TensorMeta(name=i.name, shape=[d if isinstance(d, int) else 1 for d in i.shape],
+                                         dtype=ORT_DTYPES.get(i.type, "float32")) for i in session.get_inputs()])
+    for _ in range(3):
+        session.run(None, feeds)
+    done, t0 = 0, time.perf_counter()
+    while done < runs and (done < 3 or time.perf_counter() - t0 < budget_s):
+        session.run(None, feeds)
+        done += 1
+    with open(session.end_profiling()) as f:
+        events = json.load(f)
+    per_node: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            per_node.setdefault(e["name"][: -len("_kernel_time")], []).append(e["dur"] / 1e3)
+    # the last `done` runs: the warm-up runs are profiled too
+    return {name: float(np.median(d[-done:])) for name, d in per_node.items()}
 
 
 class OnnxRuntimeRunner(Runner):
@@ -171,6 +321,26 @@ class OnnxRuntimeBackend(Backend):
             inputs=[TensorMeta(name=m.name, shape=shapes[m.name], dtype=m.dtype) for m in inputs],
             outputs=[o.name for o in model.graph.output], layout=target.layout, batch=target.batch,
             precision=onnx_precision(model), warnings=notes)
+
+    def explain_int8(self, model_path, target, fp32_path=None, feeds=None) -> list[KernelRow]:
+        """Read the graph ONNX Runtime runs: the deployable form `prepare` writes, loaded at the runner's graph
+        optimization level ("all", ONNX Runtime's default) with `optimized_model_filepath` set; classify each
+        Conv/MatMul/Gemm (`classify_optimized_graph`) and time every node with ONNX Runtime's profiler, beside the
+        FP32 model's (`fp32_path`) run alike."""
+        providers = _PROVIDERS.get(target.device, ["CPUExecutionProvider"])
+        tmp = Path(tempfile.mkdtemp(prefix="edgeq-explain-ort-"))
+        try:
+            def run(path, role):
+                prepared = self.prepare(path, target, tmp / role)
+                optimized = tmp / role / "runtime.onnx"
+                times = profile_nodes(prepared.path, target, providers, feeds, optimized, tmp / role / "profile")
+                return load_onnx(optimized), load_onnx(path), times
+
+            opt, orig, times = run(model_path, "int8")
+            fp32 = run(fp32_path, "fp32") if fp32_path is not None else None
+            return classify_optimized_graph(opt, orig, self.name, target.name, times, fp32)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _fallback_note(self, path: Path, providers: list[str], threads: int) -> list[str]:
         """Nodes the accelerator provider cannot take run on the CPU: say so."""

@@ -14,15 +14,26 @@ where the CPU has no fp16 arithmetic. The runner reports the compiled model's ow
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 
-from edgeq.backends.base import Backend, fix_batch, x86_cpu_scheme
+from edgeq.backends.base import Backend, KernelRow, dequantized_inputs, fix_batch, kernel_counts, x86_cpu_scheme
 from edgeq.backends.records import Int8Scheme, PreparedModel, UnsupportedOp
 from edgeq.backends.runner import Runner
-from edgeq.core.onnx_graph import TensorMeta, graph_inputs, iter_nodes, load_onnx, node_label, onnx_precision
+from edgeq.core.onnx_graph import (
+    TensorMeta,
+    graph_inputs,
+    iter_nodes,
+    load_onnx,
+    node_label,
+    onnx_precision,
+    sample_feeds,
+)
 
 # target precision -> OpenVINO inference precision hint. An int8 target runs a quantized model: its
 # quantized layers run int8 from the model itself; the hint pins everything else to f32.
@@ -46,6 +57,97 @@ def _compile_config(target) -> dict[str, str]:
 # inside OpenVINO: one in PrePostProcessor.build(), the other in Output.get_partial_shape(). Model editing is
 # serialized per process; compiling and inference are not.
 _PREPARE_LOCK = threading.Lock()
+
+# The CPU plugin's layer types that do a Conv/MatMul/Gemm's arithmetic; every other layer is summed as "other".
+COMPUTE_LAYERS = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul")
+INTEGER_PRECISIONS = ("u8", "i8")
+
+
+def _rt(info, key: str) -> str:
+    return info[key].astype(str) if key in info else ""
+
+
+def _onnx_name(layer: str) -> str:
+    """The ONNX node a runtime layer came from: OpenVINO's low-precision passes name fused layers
+    `<node>/DequantizationMultiply` (or ...Subtract)."""
+    return re.sub(r"/Dequantization\w*$", "", layer)
+
+
+def profile_layers(path: str | Path, target, feeds: dict | None, runs: int = 20, budget_s: float = 2.0
+                   ) -> list[tuple[str, str, str, str, float]]:
+    """(name, layer type, runtime precision, kernel, median ms per inference) of every layer OpenVINO runs for the
+    model at `path` (an IR or ONNX file), compiled as the runner compiles it plus PERF_COUNT."""
+    core = _core()
+    compiled = core.compile_model(core.read_model(str(path)), target.device.upper(),
+                                  {**_compile_config(target), "PERF_COUNT": "YES"})
+    request = compiled.create_infer_request()
+    if feeds is None:
+        feeds = sample_feeds([TensorMeta(name=p.get_any_name(), shape=[d.get_length() if d.is_static else 1
+                                                                        for d in p.get_partial_shape()],
+                                         dtype=np.dtype(p.get_element_type().to_dtype()).name)
+                              for p in compiled.inputs])
+    for _ in range(3):
+        request.infer(feeds)
+    times: dict[str, list[float]] = {}
+    done, t0 = 0, time.perf_counter()
+    while done < runs and (done < 3 or time.perf_counter() - t0 < budget_s):
+        request.infer(feeds)
+        for info in request.profiling_info:
+            times.setdefault(info.node_name, []).append(info.real_time.total_seconds() * 1e3)
+        done += 1
+    layers = []
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info, name = op.get_rt_info(), op.get_friendly_name()
+        layers.append((name, _rt(info, "layerType"), _rt(info, "runtimePrecision"), _rt(info, "primitiveType"),
+                       float(np.median(times[name])) if name in times else 0.0))
+    return layers
+
+
+def classify_layers(int8_layers, fp32_layers, quantized_nodes: set[str], runtime: str, target: str
+                    ) -> list[KernelRow]:
+    """Rows per compute layer type: layers running u8/i8 against f32 ones, the kernels and their time, beside the
+    FP32 model's same layer type; then one row for every other layer. An f32 layer whose ONNX node reads a
+    DequantizeLinear (`quantized_nodes`) was quantized in the model and is named; one that did not was kept FP32."""
+    rows: dict[str, KernelRow] = {}
+    kernels: dict[str, list[str]] = {}
+    other = KernelRow(runtime=runtime, target=target, op_type="other layers", int8_ms=0.0)
+    for name, kind, precision, kernel, ms in int8_layers:
+        if kind in ("Parameter", "Result", "Const", "Constant", "Input", "Output"):
+            continue
+        if kind not in COMPUTE_LAYERS:
+            other.integer += precision in INTEGER_PRECISIONS
+            other.float_unquantized += precision not in INTEGER_PRECISIONS
+            other.int8_ms += ms
+            continue
+        row = rows.setdefault(kind, KernelRow(runtime=runtime, target=target, op_type=kind, int8_ms=0.0))
+        kernels.setdefault(kind, []).append(f"{kernel} ({precision})")
+        row.int8_ms += ms
+        if precision in INTEGER_PRECISIONS:
+            row.integer += 1
+        elif _onnx_name(name) in quantized_nodes:
+            row.float_quantized += 1
+            row.unfused.append(f"{name} ({precision})")
+        else:
+            row.float_unquantized += 1
+    for kind, row in rows.items():
+        row.kernels = kernel_counts(kernels[kind])
+    if fp32_layers is not None:
+        fp32_kernels: dict[str, list[str]] = {}
+        other.fp32_ms = 0.0
+        for _name, kind, precision, kernel, ms in fp32_layers:
+            if kind in ("Parameter", "Result", "Const", "Constant", "Input", "Output"):
+                continue
+            row = rows.get(kind) if kind in COMPUTE_LAYERS else other
+            if row is None:
+                row = rows.setdefault(kind, KernelRow(runtime=runtime, target=target, op_type=kind))
+            row.fp32_ms = (row.fp32_ms or 0.0) + ms
+            if kind in COMPUTE_LAYERS:
+                fp32_kernels.setdefault(kind, []).append(f"{kernel} ({precision})")
+        for kind, names in fp32_kernels.items():
+            rows[kind].fp32_kernels = kernel_counts(names)
+    other.note = "every other layer (reorders, eltwise, normalisation, Q/DQ folded into them)"
+    return sorted(rows.values(), key=lambda r: r.op_type) + [other]
+
 
 class OpenVinoRunner(Runner):
     """A compiled OpenVINO model (IR or ONNX file) with one infer request."""
@@ -155,6 +257,20 @@ class OpenVinoBackend(Backend):
 
     def load_runner(self, prepared: PreparedModel, target) -> Runner:
         return OpenVinoRunner(prepared.path, target)
+
+    def explain_int8(self, model_path, target, fp32_path=None, feeds=None) -> list[KernelRow]:
+        """Compile the deployable form as the runner does (precision hint pinned) with PERF_COUNT, run it a few times,
+        and read each layer's runtime precision (`runtimePrecision`), kernel (`primitiveType`) and time from the
+        runtime model; the FP32 model's layers (`fp32_path`) are timed alike for comparison."""
+        quantized = {name for name, dq in dequantized_inputs(load_onnx(model_path).graph).items() if dq}
+        tmp = Path(tempfile.mkdtemp(prefix="edgeq-explain-ov-"))
+        try:
+            int8 = profile_layers(self.prepare(model_path, target, tmp / "int8").path, target, feeds)
+            fp32 = (profile_layers(self.prepare(fp32_path, target, tmp / "fp32").path, target, feeds)
+                    if fp32_path is not None else None)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return classify_layers(int8, fp32, quantized, self.name, target.name)
 
     def precision_mismatch(self, target, ran: str) -> str:
         asked = PRECISION_HINT[target.precision]

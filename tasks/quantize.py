@@ -20,6 +20,7 @@ from edgeq.core.modeling import build_model
 from edgeq.core.specs import EdgeqConfig, PTQMethod
 from edgeq.core.store import ArtifactRef, ArtifactStore, sha256_file
 from edgeq.quantization.escalate import QuantizationReport, format_attempts, run_quantization
+from edgeq.quantization.explain import ARTIFACT_KEY, kernel_table
 from edgeq.tasks.artifacts import UIProgress, display_rows
 from edgeq.tasks.caching import code_fingerprint, content_key, retry_transient, split_fingerprint
 
@@ -99,8 +100,10 @@ def quantization_markdown(report: QuantizationReport, failed: str = "") -> str:
                      "transformer-aware PTQ rung is on the ladder")
     if chosen:
         extra = "".join(f"; {k} {v:.4f}" for k, v in chosen.extra_metrics.items())
+        verdict, *why = report.speed_note.split("\n")
         lines += [f"- chosen: attempt {chosen.index} — {chosen.label}: {report.metric_name} {chosen.metric:.4f} "
-                  f"(drop {chosen.drop:+.4f}){extra}", f"- speed: {report.speed_note}"]
+                  f"(drop {chosen.drop:+.4f}){extra}", f"- speed: {verdict}"]
+        lines += [f"  - {w}" for w in why]
         lines += [f"- note: {n}" for n in chosen.notes]
     lines += ["", "```", failed or format_attempts(report), "```"]
     return "\n".join(lines)
@@ -111,6 +114,10 @@ def publish_quantization(report: QuantizationReport, failed: str = "") -> None:
                              description=f"INT8 quantization of {report.model}")
     create_table_artifact(table=display_rows(report.attempts_table()), key="quantization-attempts",
                           description="every quantization attempt: validation metric, SLA, latency per target")
+    if report.int8_kernels:
+        create_table_artifact(table=display_rows(kernel_table(report.int8_kernels)), key=ARTIFACT_KEY,
+                              description=f"why INT8 is not faster than FP32 on {report.deploy_target}: per op type, "
+                                          "quantized nodes in integer kernels against those still run in float")
     if report.sensitivity:
         create_table_artifact(table=display_rows(r.model_dump() for r in report.sensitivity),
                               key="quantization-sensitivity",

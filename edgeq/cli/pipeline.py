@@ -48,6 +48,13 @@ def print_four_way(manifest: dict) -> None:
     console.print(format_table(ValidationReport.model_validate(manifest["four_way"])), highlight=False, soft_wrap=True)
 
 
+def speed_text(note: str) -> str:
+    """The speed verdict, and under it (when INT8 is not faster) why: integer kernels against float ops per op
+    type and the first nodes left unfused, with the artifact that holds the whole table."""
+    verdict, *why = note.split("\n")
+    return "\n".join([f"speed: {verdict}"] + [f"  {w}" for w in why])
+
+
 def convert(
     config: Path = typer.Argument(..., help="edgeq YAML config"),
     calibration: str = typer.Option("latest", "--calibration", "-c", help="approved calibration version id"),
@@ -58,7 +65,7 @@ def convert(
 
     manifest = run_flow(convert_model, ConvertParams(config=str(config), calibration=calibration, mode=mode))
     print_four_way(manifest)
-    console.print(f"speed: {manifest['speed']}", highlight=False, soft_wrap=True)
+    console.print(speed_text(manifest["speed"]), highlight=False, soft_wrap=True)
     console.print(f"[green]published[/] {manifest['bundle_id']} at {manifest['uri']}", soft_wrap=True)
 
 
@@ -100,5 +107,6 @@ def quantize(
     console.print(format_attempts(rep), highlight=False)
     chosen = rep.chosen_attempt
     console.print(f"chosen: attempt {chosen.index} ({chosen.label}) {rep.metric_name} {chosen.metric:.4f} vs FP32 "
-                  f"{rep.fp32_metric:.4f}; {rep.speed_note}")
+                  f"{rep.fp32_metric:.4f}")
+    console.print(speed_text(rep.speed_note), highlight=False, soft_wrap=True)
     console.print(f"INT8 model: {result.int8.uri}")

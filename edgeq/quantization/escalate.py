@@ -28,12 +28,14 @@ import torch
 from pydantic import BaseModel, Field
 
 from edgeq.backends import benchmark, get_backend
+from edgeq.backends.base import KernelRow
 from edgeq.calibration.readers import CalibrationReader
 from edgeq.core.data import batch_size
 from edgeq.core.errors import GateError, SpecError
 from edgeq.core.metrics import extra_metrics, score
 from edgeq.core.specs import EdgeqConfig, PTQMethod, QuantizationSpec, TargetSpec, load_object
 from edgeq.export import run_onnx
+from edgeq.quantization.explain import explain_speed, explanation_lines
 from edgeq.quantization.policy import PolicyDecision, decide
 from edgeq.quantization.ptq import PTQSettings, as_batch, attention_nodes, preprocess_model, quantize
 from edgeq.quantization.qat import qat_finetune
@@ -96,7 +98,9 @@ class QuantizationReport(BaseModel):
     sensitivity: list[SensitivityRow] = Field(default_factory=list)
     chosen: int | None = None
     faster_than_fp32: bool | None = None
-    speed_note: str = ""
+    speed_note: str = ""  # the verdict; when INT8 is not faster, followed by `speed_explanation`
+    speed_explanation: str = ""  # why not faster: integer kernels against float ops (explain.explanation_lines)
+    int8_kernels: list[KernelRow] = Field(default_factory=list)  # per op type on the deployment target (explain.py)
 
     @property
     def chosen_attempt(self) -> Attempt | None:
@@ -430,6 +434,16 @@ def speed_verdict(chosen: Attempt, deploy_target: str) -> tuple[bool | None, str
     return lat.speedup > 1.0, note
 
 
+def explain_int8_speed(report: QuantizationReport, int8_onnx: Path, deploy: TargetSpec, fp32_onnx: Path | None = None,
+                       feeds: dict[str, np.ndarray] | None = None) -> None:
+    """INT8 is not faster on `deploy`: ask its runtime why (per op type: integer kernels against quantized ops left
+    in float, named) and put the rows and the two summary lines under the verdict in the report."""
+    report.int8_kernels = explain_speed(int8_onnx, deploy, fp32_onnx, feeds)
+    report.speed_explanation = explanation_lines(report.int8_kernels)
+    if report.speed_explanation:
+        report.speed_note = f"{report.speed_note}\n{report.speed_explanation}"
+
+
 # ---------------------------------------------------------------- the stage
 def deploy_target(cfg: EdgeqConfig) -> TargetSpec:
     q = cfg.quantization
@@ -519,6 +533,8 @@ def run_quantization(
             raise GateError(head + ":\n" + format_attempts(report), report=report)
         report.chosen = chosen.index
         report.faster_than_fp32, report.speed_note = speed_verdict(chosen, deploy.name)
+        if report.faster_than_fp32 is False:
+            explain_int8_speed(report, Path(chosen.onnx_path), deploy, fp32_onnx, batch1_feeds(val_x))
         out_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy(chosen.onnx_path, out_dir / f"{spec.name}-int8.onnx")
     finally:
