@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -148,6 +149,49 @@ def benchmark(runner: Runner, feeds: dict[str, np.ndarray] | None = None, warmup
     return LatencyReport(median_ms=float(np.median(times)), p90_ms=float(np.percentile(times, 90)),
                          mean_ms=float(times.mean()), min_ms=float(times.min()), iters=iters, warmup=warmup,
                          threads=runner.threads, precision=runner.precision)
+
+
+@dataclass
+class PairedLatency:
+    """Two models timed side by side on one runtime: per round, each one's median ms; `ratios` = a / b per round."""
+
+    a_ms: list[float]
+    b_ms: list[float]
+
+    @property
+    def ratios(self) -> list[float]:
+        return [a / b for a, b in zip(self.a_ms, self.b_ms)]
+
+    @staticmethod
+    def _median(v: list[float]) -> float:
+        return float(np.median(v))
+
+    @property
+    def a_median(self) -> float:
+        return self._median(self.a_ms)
+
+    @property
+    def b_median(self) -> float:
+        return self._median(self.b_ms)
+
+    @property
+    def ratio(self) -> float:
+        return self._median(self.ratios)
+
+
+def paired_benchmark(a: Runner, b: Runner, feeds: dict[str, np.ndarray], rounds: int = 5,
+                     iters: int = 100) -> PairedLatency:
+    """Time two active runners side by side: `rounds` alternating rounds (the first to run alternates too) of
+    `iters` batch-1 runs each, so drift on a shared machine hits both alike. One result, not one number: the
+    caller reports the median of the per-round ratios with their range."""
+    if rounds < 1:
+        raise ValueError(f"paired_benchmark needs rounds >= 1, got {rounds}")
+    a_ms, b_ms = [], []
+    for r in range(rounds):
+        order = [(a, a_ms), (b, b_ms)] if r % 2 == 0 else [(b, b_ms), (a, a_ms)]
+        for runner, out in order:
+            out.append(benchmark(runner, feeds, warmup=max(5, iters // 10), iters=iters).median_ms)
+    return PairedLatency(a_ms=a_ms, b_ms=b_ms)
 
 
 def default_threads() -> int:

@@ -40,20 +40,17 @@ def newest_bundle_int8(cfg, bundle: str | None) -> tuple[str, Path]:
 
 
 def paired(fp32: Path, int8: Path, backend_name: str, feeds: dict, rounds: int, iters: int) -> dict:
-    from edgeq.backends import benchmark, get_backend
+    """FP32 and INT8 on one runtime, side by side: `edgeq.backends.paired_benchmark`, the timing the convert's
+    speed verdict uses."""
+    from edgeq.backends import get_backend, paired_benchmark
     from edgeq.core.specs import TargetSpec
 
     target = TargetSpec(name=backend_name, backend=backend_name, precision="fp32")
     backend = get_backend(backend_name)
-    f, i = [], []
     with backend.runner(fp32, target) as rf, backend.runner(int8, target) as ri:
-        for r in range(rounds):
-            order = [(rf, f), (ri, i)] if r % 2 == 0 else [(ri, i), (rf, f)]
-            for runner, out in order:
-                out.append(benchmark(runner, feeds, warmup=10, iters=iters).median_ms)
+        r = paired_benchmark(rf, ri, feeds, rounds=rounds, iters=iters)
         precision = rf.precision, ri.precision
-    ratios = [a / b for a, b in zip(f, i)]
-    return {"fp32": f, "int8": i, "ratio": ratios, "precision": precision}
+    return {"fp32": r.a_ms, "int8": r.b_ms, "ratio": r.ratios, "precision": precision}
 
 
 def main(argv: list[str] | None = None) -> None:

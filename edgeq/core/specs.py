@@ -284,6 +284,8 @@ class QuantizationSpec(Spec):
     qat_lr: float = Field(1e-4, gt=0)
     qat_loss: ImportPath | None = Field(None, description="loss function import path (default cross-entropy)")
     latency_iters: int = Field(100, ge=10, description="timed batch-1 runs per attempt and runtime")
+    speed_rounds: int = Field(5, ge=1, description="the speed verdict times FP32 and the chosen INT8 model side by "
+                                                   "side on the deployment target in this many alternating rounds")
 
 
 class ValidationSpec(Spec):

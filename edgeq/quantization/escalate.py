@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from edgeq.backends import benchmark, get_backend
+from edgeq.backends import benchmark, get_backend, paired_benchmark
 from edgeq.backends.base import KernelRow
 from edgeq.calibration.readers import CalibrationReader
 from edgeq.core.data import batch_size
@@ -50,9 +50,13 @@ class Latency(BaseModel):
     int8_ms: float | None = None
     precision: str = ""
     error: str = ""
+    # Set by the speed verdict (`side_by_side`): FP32 and INT8 timed in alternating rounds, FP32/INT8 per round.
+    round_ratios: list[float] = Field(default_factory=list)
 
     @property
     def speedup(self) -> float | None:
+        if self.round_ratios:
+            return float(np.median(self.round_ratios))
         return self.fp32_ms / self.int8_ms if self.fp32_ms and self.int8_ms else None
 
 
@@ -428,10 +432,32 @@ def speed_verdict(chosen: Attempt, deploy_target: str) -> tuple[bool | None, str
         return None, f"latency on deployment target {deploy_target} could not be measured here"
     ratio, word = (lat.speedup, "faster") if lat.speedup > 1 else (1 / lat.speedup, "SLOWER")
     note = (f"INT8 is {ratio:.2f}x {word} than FP32 on {deploy_target} "
-            f"({lat.int8_ms:.3f} ms vs {lat.fp32_ms:.3f} ms at batch 1)")
+            f"({lat.int8_ms:.3f} ms vs {lat.fp32_ms:.3f} ms at batch 1")
+    if lat.round_ratios:
+        lo, hi = min(lat.round_ratios), max(lat.round_ratios)
+        note += (f"; side by side, median of {len(lat.round_ratios)} alternating rounds, FP32/INT8 "
+                 f"{lo:.2f}-{hi:.2f}x")
+    note += ")"
     if lat.speedup <= 1.0:
         note += ": the INT8 model is NOT faster than FP32 on the deployment target"
     return lat.speedup > 1.0, note
+
+
+def side_by_side(fp32_onnx: Path, int8_onnx: Path, target: TargetSpec, feeds: dict[str, np.ndarray], rounds: int,
+                 iters: int) -> Latency:
+    """The chosen model's latency for the speed verdict: FP32 and INT8 on `target`, both loaded, timed in
+    `rounds` alternating rounds (nothing else of this run executes meanwhile), medians and per-round ratios. The
+    ladder's per-attempt timings are taken minutes apart and only rank attempts; this is the number that is
+    reported. A target that cannot run both is a Latency with `error`."""
+    backend = get_backend(target.backend)
+    try:
+        with backend.runner(fp32_onnx, target) as rf, backend.runner(int8_onnx, target) as ri:
+            paired = paired_benchmark(rf, ri, feeds, rounds=rounds, iters=iters)
+            precision = ri.precision
+    except Exception as exc:  # noqa: BLE001 - the verdict then says it could not measure
+        return Latency(target=target.name, error=f"{type(exc).__name__}: {exc}"[:300])
+    return Latency(target=target.name, fp32_ms=paired.a_median, int8_ms=paired.b_median, precision=precision,
+                   round_ratios=[round(r, 4) for r in paired.ratios])
 
 
 def explain_int8_speed(report: QuantizationReport, int8_onnx: Path, deploy: TargetSpec, fp32_onnx: Path | None = None,
@@ -532,6 +558,11 @@ def run_quantization(
                 head = f"no INT8 attempt met the SLA ({sla})"
             raise GateError(head + ":\n" + format_attempts(report), report=report)
         report.chosen = chosen.index
+        measured = get_backend(deploy.backend)
+        if measured.availability(deploy.device)[0] and measured.measures_latency:
+            verdict = side_by_side(fp32_onnx, Path(chosen.onnx_path), deploy, batch1_feeds(val_x), q.speed_rounds,
+                                   q.latency_iters)
+            chosen.latency = [verdict if lat.target == deploy.name else lat for lat in chosen.latency]
         report.faster_than_fp32, report.speed_note = speed_verdict(chosen, deploy.name)
         if report.faster_than_fp32 is False:
             explain_int8_speed(report, Path(chosen.onnx_path), deploy, fp32_onnx, batch1_feeds(val_x))

@@ -63,6 +63,8 @@ from edgeq.core.specs import Thresholds
 from edgeq.export import ONNX_EXPORT_LOCK
 
 ENGINE = "nncf-torch-qat"
+# Seconds NNCF may take to compile and load its CPU extension, unless NNCF_EXTENSION_LOAD_TIMEOUT is set.
+NNCF_EXTENSION_TIMEOUT_S = 900
 TORCHSCRIPT_MAX_OPSET = 20  # torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET in torch 2.13
 MIN_QDQ_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
 
@@ -468,6 +470,10 @@ def qat_finetune(
     trains against the FP32 model's outputs instead of labels (`train_y` may be None); `dynamic_axes` names the
     inputs' non-batch dynamic axes for the export; `classifier=False` drops the top-1 clause of the export check.
     """
+    # NNCF compiles its CPU fake-quantize extension on first use in each environment (a minute or more on a small
+    # or busy machine) and gives up after NNCF_EXTENSION_LOAD_TIMEOUT seconds (default 60) with a bare
+    # multiprocessing TimeoutError: a user's first QAT must not fail on that. A value the user set is kept.
+    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", str(NNCF_EXTENSION_TIMEOUT_S))
     import nncf
 
     th = thresholds or Thresholds()

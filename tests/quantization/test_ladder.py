@@ -18,6 +18,7 @@ from edgeq.quantization.escalate import (
     ptq_base,
     ptq_variants,
     qat,
+    side_by_side,
     speed_verdict,
 )
 from edgeq.quantization.policy import ArchitectureScan, PolicyDecision
@@ -61,6 +62,30 @@ def test_speed_verdict_on_the_deployment_target():
     assert faster is False and note.startswith("INT8 is 2.00x SLOWER") and "NOT faster" in note
     assert speed_verdict(_attempt(0, 0.9, True), "cpu") == (
         None, "latency on deployment target cpu could not be measured here")
+
+
+def test_the_verdict_reads_the_side_by_side_rounds():
+    a = _attempt(0, 0.9, True, 1.0)
+    a.latency[0].round_ratios = [0.8, 1.3, 1.25, 1.2, 0.9]  # FP32/INT8 per round; medians of times say 2.00x
+    faster, note = speed_verdict(a, "cpu")
+    assert faster is True
+    assert note == ("INT8 is 1.20x faster than FP32 on cpu (1.000 ms vs 2.000 ms at batch 1; side by side, median "
+                    "of 5 alternating rounds, FP32/INT8 0.80-1.30x)")
+
+
+def test_side_by_side_times_both_models_in_every_round(demo_onnx_path, tmp_path):
+    from edgeq.core.specs import TargetSpec
+
+    target = TargetSpec(name="ort-cpu", backend="onnxruntime")
+    feeds = {"image": np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)}
+    lat = side_by_side(demo_onnx_path, demo_onnx_path, target, feeds, rounds=3, iters=10)
+    assert not lat.error and len(lat.round_ratios) == 3 and lat.fp32_ms > 0 and lat.int8_ms > 0
+    assert lat.speedup == pytest.approx(float(np.median(lat.round_ratios)))
+    # a model the runtime cannot load: a Latency that says why, never an exception
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"not a model")
+    lat = side_by_side(demo_onnx_path, bad, target, feeds, rounds=3, iters=10)
+    assert lat.error and lat.speedup is None and not lat.round_ratios
 
 
 def test_ptq_settings_come_from_the_spec():
