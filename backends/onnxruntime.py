@@ -1,4 +1,5 @@
-"""ONNX Runtime backend: CPU execution provider; CUDA/TensorRT execution providers when present.
+"""ONNX Runtime backend: CPU execution provider; the CUDA, TensorRT, DirectML, OpenVINO, QNN and CoreML execution
+providers where the installed onnxruntime build has them (a target's `provider`, or `device`).
 
 Session creation is the compile check. The deployable form is the ONNX file with its dynamic
 dimensions fixed (static batch=1 unless the target asks ``batch: dynamic``) and ONNX Runtime's
@@ -33,9 +34,23 @@ from edgeq.core.ort import ort_session, session_options
 
 # Highest opset each ONNX Runtime release implements (ONNX Runtime's compatibility table).
 _ORT_MAX_OPSET = {(1, 20): 21, (1, 21): 22, (1, 22): 22, (1, 23): 23}
+# device (a target's `device`, or its `provider`) -> the execution providers a session asks for, in order
 _PROVIDERS = {"cpu": ["CPUExecutionProvider"],
               "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-              "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
+              "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+              "directml": ["DmlExecutionProvider", "CPUExecutionProvider"],
+              "openvino": ["OpenVINOExecutionProvider", "CPUExecutionProvider"],
+              "qnn": ["QNNExecutionProvider", "CPUExecutionProvider"],
+              "coreml": ["CoreMLExecutionProvider", "CPUExecutionProvider"]}
+# Where each provider comes from: the wheel or build that holds it (ONNX Runtime's install docs).
+_PROVIDER_SOURCE = {
+    "cuda": "an NVIDIA GPU with CUDA 12 and `pip install onnxruntime-gpu` (in place of onnxruntime)",
+    "tensorrt": "an NVIDIA GPU with CUDA and TensorRT libraries and `pip install onnxruntime-gpu`",
+    "directml": "Windows 10/11 with a DirectX 12 GPU and `pip install onnxruntime-directml` (in place of onnxruntime)",
+    "openvino": "an Intel CPU/GPU/NPU and `pip install onnxruntime-openvino` (in place of onnxruntime)",
+    "qnn": "Windows on Snapdragon (Qualcomm NPU) and `pip install onnxruntime-qnn` (in place of onnxruntime)",
+    "coreml": "macOS or iOS: the onnxruntime wheel for macOS holds CoreMLExecutionProvider",
+}
 
 
 @lru_cache(maxsize=1)
@@ -246,11 +261,12 @@ class OnnxRuntimeBackend(Backend):
             return False, f"onnxruntime is not installed ({exc})"
         if device == "cpu":
             return True, ""
-        want = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}.get(device)
-        if want is None:
-            return False, f"unknown device {device!r} for onnxruntime (cpu, cuda, tensorrt)"
+        if device not in _PROVIDERS:
+            return False, f"unknown device {device!r} for onnxruntime ({', '.join(_PROVIDERS)})"
+        want = _PROVIDERS[device][0]
         if want not in ort.get_available_providers():
-            return False, f"{want} is not in this onnxruntime build ({', '.join(ort.get_available_providers())})"
+            return False, (f"{want} is not in this onnxruntime build (it has "
+                           f"{', '.join(ort.get_available_providers())}); it needs {_PROVIDER_SOURCE[device]}")
         return True, ""
 
     def version(self) -> str:
@@ -261,8 +277,14 @@ class OnnxRuntimeBackend(Backend):
     def int8_scheme(self, target) -> Int8Scheme:
         if target.device == "cpu":
             return x86_cpu_scheme("ONNX Runtime")
-        return Int8Scheme(types="s8s8", reason=f"ONNX Runtime on {target.device}: GPU INT8 kernels take symmetric "
-                                               "signed activations and weights")
+        if target.device == "openvino":
+            return x86_cpu_scheme("ONNX Runtime's OpenVINO provider")
+        if target.device in ("cuda", "tensorrt"):
+            return Int8Scheme(types="s8s8", reason=f"ONNX Runtime on {target.device}: GPU INT8 kernels take "
+                                                   "symmetric signed activations and weights")
+        return Int8Scheme(types="u8s8", reason=f"ONNX Runtime's {target.device} provider: QDQ with unsigned "
+                                               "activations and signed weights, ONNX Runtime's default; not measured "
+                                               "here (set quantization.types to override)")
 
     def no_compiled_form_reason(self, target) -> str:
         return "ships the INT8 ONNX model itself"

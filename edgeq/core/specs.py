@@ -162,6 +162,23 @@ class TargetSpec(Spec):
     command: list[str] | None = Field(
         None, description="backend 'command': a program run as COMMAND MODEL INPUTS.npz OUTPUTS.npz (a remote device)")
     threads: int | None = Field(None, ge=1, description="inference threads; default: every CPU this process may use")
+    provider: Literal["cpu", "directml", "cuda", "tensorrt", "openvino", "qnn", "coreml"] | None = Field(
+        None, description="onnxruntime targets: the execution provider (CPU, DirectML, CUDA, TensorRT, OpenVINO, QNN, "
+                          "CoreML); it is the target's device")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _provider_is_the_device(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("provider") is not None:
+            provider = str(data["provider"]).lower()
+            if data.get("backend") != "onnxruntime":
+                raise ValueError(f"'provider' is for onnxruntime targets (an ONNX Runtime execution provider); "
+                                 f"target {data.get('name')!r} has backend {data.get('backend')!r}")
+            if data.get("device", "cpu") not in ("cpu", provider):
+                raise ValueError(f"target {data.get('name')!r} sets provider {provider!r} and device "
+                                 f"{data['device']!r}: the provider is the device, set one of them")
+            data = {**data, "provider": provider, "device": provider}
+        return data
 
 
 class SplitSource(Spec):

@@ -86,6 +86,35 @@ def test_cli_check_on_the_demo_exits_zero(prefect_server, flow_config):
     assert "compiled" in out and "declared-ok" in out and "unavailable" in out and "tensorrt" in out
 
 
+def test_cli_check_names_an_execution_provider_this_onnxruntime_lacks_and_where_it_comes_from(prefect_server, tmp_path,
+                                                                                              demo_root):
+    import onnxruntime as ort
+
+    from edgeq.cli import app
+
+    if "DmlExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has DirectML: the row would compile")
+    targets = [{"name": "ort-cpu", "backend": "onnxruntime"},
+               {"name": "windows-gpu", "backend": "onnxruntime", "provider": "DirectML", "required": False}]
+    path = write_config(tmp_path, demo_root, targets=targets)
+    result = CliRunner().invoke(app, ["check", str(path), "--iters", "5", "--warmup", "1"])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "windows-gpu (unavailable): DmlExecutionProvider is not in this onnxruntime build" in out
+    assert "pip install onnxruntime-directml" in out and "Windows" in out
+
+
+def test_a_provider_is_for_onnxruntime_targets_and_is_their_device():
+    from edgeq.core.specs import TargetSpec
+
+    t = TargetSpec(name="npu", backend="onnxruntime", provider="QNN")
+    assert (t.provider, t.device) == ("qnn", "qnn")
+    with pytest.raises(ValueError, match="'provider' is for onnxruntime targets"):
+        TargetSpec(name="x", backend="openvino", provider="cuda")
+    with pytest.raises(ValueError, match="sets provider 'cuda' and device 'npu'"):
+        TargetSpec(name="x", backend="onnxruntime", provider="cuda", device="npu")
+
+
 def test_the_int8_graph_that_ships_is_compile_checked_on_every_required_target(prefect_server, tmp_path, demo_root,
                                                                               demo_onnx_path):
     """A declared NPU profile that takes the FP32 graph but has no QuantizeLinear/DequantizeLinear cannot take the
