@@ -18,6 +18,7 @@ from edgeq.calibration.ingest import open_npy
 from edgeq.calibration.versions import CalibrationVersion, get_approved
 from edgeq.core.data import batch_content_ids
 from edgeq.core.errors import CalibrationError
+from edgeq.core.quiet import import_nncf
 from edgeq.core.specs import InputSpec, Preprocess
 from edgeq.core.store import ArtifactStore
 
@@ -92,7 +93,7 @@ class CalibrationReader(CalibrationDataReader):
 
     def as_nncf_dataset(self, transform_fn: Callable[[dict[str, np.ndarray]], Any] | None = None):
         """This reader as an `nncf.Dataset` (items are the same feed dicts unless `transform_fn` maps them)."""
-        import nncf  # seconds to import, and only NNCF's paths need it
+        nncf = import_nncf()  # seconds to import, and only NNCF's paths need it
 
         return nncf.Dataset(self, transform_fn)
 

@@ -35,6 +35,16 @@ def quiet_loggers() -> None:
         prefect_logger.addFilter(_not_temporary_server_notice)
 
 
+def import_nncf():
+    """`import nncf`, then its logger back to errors only: NNCF sets its own logger to INFO when first imported,
+    after `quiet_loggers` ran, and its per-node notes ("Not adding activation input quantizer for operation ...")
+    would fill the user's console."""
+    import nncf
+
+    logging.getLogger("nncf").setLevel(logging.ERROR)
+    return nncf
+
+
 def _not_temporary_server_notice(record: logging.LogRecord) -> bool:
     """Drops Prefect's "Starting temporary server ... See https://www.prefect.io/docs/..." and "Stopping temporary
     server" lines: edgeq starts that server on purpose when PREFECT_API_URL is unset, and its README says how to run

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from edgeq.calibration.readers import CalibrationReader
 from edgeq.core.errors import SpecError
-from edgeq.core.quiet import muted_output
+from edgeq.core.quiet import import_nncf, muted_output
 from edgeq.core.specs import InputSpec, Int8Types, PTQEngine, PTQMethod, QuantizationSpec
 
 _METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
@@ -217,7 +217,7 @@ def quantize_onnxruntime(src: Path, dst: Path, data: CalibrationReader, s: PTQSe
 
 def quantize_nncf(src: Path, dst: Path, data: CalibrationReader, s: PTQSettings,
                   notes: list[str] | None = None) -> Path:
-    import nncf  # seconds to import, and only this engine needs it
+    nncf = import_nncf()  # seconds to import, and only this engine needs it
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
     model = onnx.load(str(src))

@@ -59,6 +59,7 @@ from edgeq.core.errors import ExportError, GateError, SpecError
 from edgeq.core.onnx_graph import load_onnx, output_step
 from edgeq.core.ort import ort_session
 from edgeq.core.platform import x86_without_vnni
+from edgeq.core.quiet import import_nncf
 from edgeq.core.specs import Thresholds
 from edgeq.export import ONNX_EXPORT_LOCK
 
@@ -474,7 +475,7 @@ def qat_finetune(
     # or busy machine) and gives up after NNCF_EXTENSION_LOAD_TIMEOUT seconds (default 60) with a bare
     # multiprocessing TimeoutError: a user's first QAT must not fail on that. A value the user set is kept.
     os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", str(NNCF_EXTENSION_TIMEOUT_S))
-    import nncf
+    nncf = import_nncf()
 
     th = thresholds or Thresholds()
     in_names, out_names = _names(input_name), _names(output_name)
