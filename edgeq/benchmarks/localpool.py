@@ -94,6 +94,21 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and every process below it, those already ended included (as far as
+    they were waited for), from /proc; 0 for a process that is gone."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for i, p in enumerate([pid, *descendants(pid)]):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # utime, stime, and for the root also cutime, cstime (its ended children's; the living ones count below)
+        total += sum(int(f) for f in fields[11:13 if i else 15]) / tick
+    return total
+
+
 def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL, grace: float = 0) -> None:
     """Signal a process started in its own session, its group, and every process group below it."""
     if proc.poll() is not None:
@@ -180,6 +195,14 @@ class Postgres:
         """`pg_ctl stop -m MODE`: fast disconnects every client and shuts down cleanly; immediate aborts."""
         if self.data.exists():
             self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop", check=False)
+
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's process id (every PostgreSQL process of the cluster is below it)."""
+        try:
+            return int((self.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
 
     def is_ready(self) -> bool:
         return self._run("pg_isready", "-h", "127.0.0.1", "-p", str(self.port), check=False).returncode == 0
@@ -318,7 +341,20 @@ class PrefectServer:
                     raise RuntimeError(f"workers {sorted(want - online)} not online after {timeout:.0f}s")
                 time.sleep(0.5)
 
+    def ran_by(self, flow_run_id: object) -> list[str]:
+        """The workers that ran a flow run, from their own logs: each idle worker may pick up a scheduled run ("Worker
+        'NAME' submitting flow run ID"); the server lets one move it to Pending and aborts the others' submissions
+        ("Aborted submission of flow run ID"). One name for a run that ran once."""
+        out = []
+        for name in self.procs:
+            text = self.log(name).read_text(errors="replace") if self.log(name).exists() else ""
+            if f"submitting flow run '{flow_run_id}'" in text and f"Aborted submission of flow run '{flow_run_id}'" \
+                    not in text:
+                out.append(name)
+        return out
+
     def stop_process(self, name: str, sig: int = signal.SIGTERM) -> None:
+        """Signal a process, the processes it started and theirs (a worker and its flow runs), and wait for it."""
         proc = self.procs.get(name)
         if proc is not None:
             kill_tree(proc, sig, grace=20)

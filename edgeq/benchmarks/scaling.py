@@ -6,8 +6,8 @@ A conversion is the same work on both paths: the `fanout` flow's tasks for one m
 and dynamic-shape probe; compile check on ONNX Runtime, OpenVINO and a declared profile; INT8 PTQ from an approved
 calibration version, FP32 vs INT8 on the validation data, batch-1 latencies). The model is ResNet-18's layout at
 3x64x64 (edgeq.benchmarks.quantization.ResNet18) on the demo digits upscaled to 64x64, with random weights from a
-seed per model (BatchNorm statistics taken from the data), so N models are N different conversions, and every
-measurement writes to a fresh store: nothing is a cache hit. The INT8 SLA is relaxed (random weights: this
+seed per model (BatchNorm statistics taken from the data), so N models are N different conversions; every
+measurement writes to a fresh store, so nothing is a cache hit. The INT8 SLA is relaxed (random weights: this
 measures throughput, not accuracy).
 
 Paths, both against one Prefect server on a throw-away PostgreSQL (edgeq.benchmarks.localpool):
@@ -20,10 +20,13 @@ Paths, both against one Prefect server on a throw-away PostgreSQL (edgeq.benchma
   untimed run first), as long-lived Dask workers are.
 Every worker process: one CPU (sched_setaffinity, inherited by what it starts), OMP/MKL/OpenBLAS threads 1 (torch
 takes its thread count from OMP_NUM_THREADS), targets with `threads: 1` (ONNX Runtime intra-op threads, OpenVINO
-inference threads). The server and PostgreSQL are not pinned: they share the CPUs with the workers.
+inference threads). The server, PostgreSQL and this process are not pinned: they share the CPUs with the workers,
+and the report gives the CPU time they took per conversion.
 
-Rounds interleave sizes, paths and worker counts, so drift on a shared machine hits all alike; the report gives each
-cell's median and range (min-max) over the rounds.
+What 2 workers can gain depends on the machine as much as on edgeq: a machine check before and after times two
+pinned single-threaded loops side by side against one alone, one in cache (compute) and one streaming 64 MB
+(memory bandwidth). Rounds interleave sizes, paths and worker counts, so drift on a shared machine hits all alike;
+the report gives each cell's median and range (min-max) over the rounds.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ SIZE = 64
 POOL = "edgeq-scaling"
 SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 TASKS_PER_MODEL = 5  # export, compile check x3, quantize
+RESERVE_S = 60  # kept from a time budget for the machine check after the runs and the shutdown
 
 
 # ---------------------------------------------------------------- the model, its data, its configs
@@ -170,6 +174,73 @@ def cpus_of(pid: int) -> str:
     return "?"
 
 
+_LOOP = """
+import os, sys, time
+os.sched_setaffinity(0, {int(sys.argv[1])})
+import numpy as np
+kind, seconds = sys.argv[2], float(sys.argv[3])
+if kind == "compute":  # fits in a core's own cache: arithmetic only
+    a = np.random.default_rng(0).random((256, 256), dtype=np.float32)
+    step = lambda: a @ a
+else:  # 64 MB: far larger than the caches, every pass goes to memory
+    src = np.ones(8 * 2**20)
+    dst = np.empty_like(src)
+    step = lambda: np.copyto(dst, src)
+n, end = 0, time.perf_counter() + seconds
+while time.perf_counter() < end:
+    step()
+    n += 1
+print(n)
+"""
+
+
+def machine_check(cpus: list[int], seconds: float = 5.0) -> dict[str, float]:
+    """What this machine gives two pinned single-threaded workers, as the speed-up of two loops side by side (one per
+    CPU) over one alone: `compute` (a matrix product in cache) and `memory` (copying 64 MB). Two vCPUs that share a
+    core, a busy host or a shared memory bus give less than 2x; a conversion is partly each."""
+    import subprocess
+    import sys
+
+    def loops(kind: str, on: list[int]) -> list[int]:
+        env = {**os.environ, **SINGLE_THREAD_ENV}
+        procs = [subprocess.Popen([sys.executable, "-c", _LOOP, str(c), kind, str(seconds)], stdout=subprocess.PIPE,
+                                  text=True, env=env) for c in on]
+        return [int(p.communicate()[0]) for p in procs]
+
+    return {kind: sum(loops(kind, cpus[:2])) / loops(kind, cpus[:1])[0] for kind in ("compute", "memory")}
+
+
+def machine_description(cpus: list[int]) -> str:
+    """The CPU line of the report: model, ISA flags that matter for INT8, and whether the CPUs the workers are pinned
+    to are cores of their own or SMT siblings of one core (as the kernel sees them: a virtual machine's vCPUs may
+    still share a host core)."""
+    from edgeq.core.platform import cpu_isa
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "?")
+
+    def siblings(c: int) -> str:
+        try:
+            return Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text().strip()
+        except OSError:
+            return "?"
+
+    isa = cpu_isa()
+    virtual = " (virtual machine: hypervisor flag)" if "hypervisor" in Path("/proc/cpuinfo").read_text() else ""
+    return (f"CPU: {model}, {isa['machine']}, ISA {' '.join(isa['isa'])}; workers on CPUs {cpus[0]} and {cpus[1]}, "
+            f"SMT siblings {siblings(cpus[0])} / {siblings(cpus[1])}{virtual}; {os.cpu_count()} CPUs in all")
+
+
+def orchestration_cpu(server, pg) -> float:
+    """CPU seconds spent so far by what orchestrates rather than converts: the Prefect server, PostgreSQL, and this
+    process (the Dask path's flow and scheduler run here; the work pool path only polls from here)."""
+    from edgeq.benchmarks.localpool import cpu_seconds
+
+    own = os.times()
+    return (cpu_seconds(server.procs["server"].pid) + (cpu_seconds(pg.pid) if pg.pid else 0.0)
+            + own.user + own.system)
+
+
 # ---------------------------------------------------------------- the two paths
 class WorkPoolPath:
     name = "workpool"
@@ -192,19 +263,20 @@ class WorkPoolPath:
         s.wait_for_workers(POOL, ["worker-a", "worker-b"])
         self.pinning = {w: cpus_of(s.procs[w].pid) for w in ("worker-a", "worker-b")}
         from prefect.client.orchestration import SyncPrefectClient
-
         from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
         with SyncPrefectClient(s.api) as c:
             (dep,) = c.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["scaling"])))
         self.deployment = dep.id
 
-    def measure(self, configs: list[str], version: str, workers: int) -> float:
+    def measure(self, configs: list[str], version: str, workers: int) -> tuple[float, float]:
         from prefect.client.orchestration import SyncPrefectClient
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
         from edgeq.flows.fanout import FanoutParams
 
         queue = "solo" if workers == 1 else "pair"
+        cpu0 = orchestration_cpu(self.server, self.pg)
         with SyncPrefectClient(self.server.api) as c:
             t0 = time.time()
             ids = [c.create_flow_run_from_deployment(
@@ -212,17 +284,19 @@ class WorkPoolPath:
                 parameters={"params": FanoutParams(configs=[cfg], stage="quantize", calibration=version,
                                                    runner="thread").model_dump()}).id for cfg in configs]
             runs = {}
-            while len(runs) < len(ids):
-                time.sleep(0.5)
-                for rid in ids:
-                    run = c.read_flow_run(rid)
-                    if run.state.is_final():
-                        runs[rid] = run
+            while len(runs) < len(ids):  # one light request a second: the server's CPU is shared with the workers
+                time.sleep(1)
+                runs = {r.id: r for r in c.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+                        if r.state and r.state.is_final()}
             bad = [f"{r.name}: {r.state.name} {r.state.message}" for r in runs.values() if not r.state.is_completed()]
             if bad:
                 raise SystemExit(f"workpool: runs failed: {bad}\n{self.server.tail('worker-a')}")
             _all_computed(c, ids, TASKS_PER_MODEL * len(ids))
-            return max(r.end_time.timestamp() for r in runs.values()) - t0
+        # Who ran what, when (seconds from submission): the evidence that 2 workers did run side by side.
+        spans = sorted((",".join(self.server.ran_by(r.id)), r.start_time.timestamp() - t0, r.end_time.timestamp() - t0)
+                       for r in runs.values())
+        self.last = "  ".join(f"{w} {a:.0f}-{b:.0f}s" for w, a, b in spans)
+        return max(r.end_time.timestamp() for r in runs.values()) - t0, orchestration_cpu(self.server, self.pg) - cpu0
 
     def close(self) -> None:
         self.server.close()
@@ -232,27 +306,37 @@ class WorkPoolPath:
 class DaskPath:
     name = "dask"
 
-    def __init__(self, api: str, cpus: list[int]):
+    def __init__(self, pool: WorkPoolPath, cpus: list[int]):
+        import logging
+        import warnings
+
         from distributed import Client, LocalCluster
 
-        self.api = api
+        logging.getLogger("distributed").setLevel(logging.WARNING)  # its import set its own levels
+
+        self.pool, self.api = pool, pool.server.api
         self.clusters, self.pinning = {}, {}
         for w in (1, 2):
             # Loopback only, no dashboard: a local cluster serves nobody else.
-            cluster = LocalCluster(n_workers=w, processes=True, threads_per_worker=1, host="127.0.0.1",
-                                   dashboard_address=None, env=SINGLE_THREAD_ENV)
+            with warnings.catch_warnings():
+                # No dashboard; the scheduler's HTTP server (health, metrics) still listens, on 127.0.0.1:8787 for
+                # the first cluster and, with a warning, another port for the second.
+                warnings.filterwarnings("ignore", message="Port 8787 is already in use")
+                cluster = LocalCluster(n_workers=w, processes=True, threads_per_worker=1, host="127.0.0.1",
+                                       dashboard_address=None, env=SINGLE_THREAD_ENV, silence_logs=logging.WARNING)
             with Client(cluster) as client:
                 for i, addr in enumerate(sorted(client.scheduler_info()["workers"])):
                     self.pinning[f"{w}-worker cluster, worker {i}"] = client.run(pin_this_process, cpus[i],
                                                                                 workers=[addr])[addr]
             self.clusters[w] = cluster
 
-    def measure(self, configs: list[str], version: str, workers: int) -> float:
+    def measure(self, configs: list[str], version: str, workers: int) -> tuple[float, float]:
         from prefect.client.orchestration import SyncPrefectClient
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         from edgeq.flows.fanout import FanoutParams, run_fanout
 
+        cpu0 = orchestration_cpu(self.pool.server, self.pool.pg)
         with temporary_settings({PREFECT_API_URL: self.api}):
             t0 = time.perf_counter()
             state = run_fanout(FanoutParams(configs=configs, stage="quantize", calibration=version, runner="dask",
@@ -262,95 +346,136 @@ class DaskPath:
                 raise SystemExit(f"dask: fan-out failed: {state.message}")
             with SyncPrefectClient(self.api) as c:
                 _all_computed(c, [state.state_details.flow_run_id], TASKS_PER_MODEL * len(configs))
-        return dt
+        return dt, orchestration_cpu(self.pool.server, self.pool.pg) - cpu0
 
     def close(self) -> None:
         for cluster in self.clusters.values():
             cluster.close()
 
 
-def _all_computed(client, flow_run_ids: list, expected: int) -> None:
-    """Every task of these flow runs computed (no cache hit: the numbers would measure nothing)."""
+def _all_computed(client, flow_run_ids: list, expected: int, settle: float = 60) -> None:
+    """Every task of these flow runs computed (no cache hit: the numbers would measure nothing). The server records
+    task states from the flow runs' events, after the fact: a last task may read Running for a moment."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(flow_run_ids))))
-    states = [r.state.name for r in runs if r.state]
-    if len(states) != expected or set(states) != {"Completed"}:
-        raise SystemExit(f"expected {expected} task runs, all computed; got {sorted(states)}")
+    deadline = time.monotonic() + settle
+    while True:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(flow_run_ids))))
+        states = [r.state.name for r in runs if r.state]
+        if len(states) == expected and set(states) == {"Completed"}:
+            return
+        if time.monotonic() > deadline or any(r.state and r.state.is_final() and r.state.name != "Completed"
+                                              for r in runs):
+            raise SystemExit(f"expected {expected} task runs, all computed; got {sorted(states)}")
+        time.sleep(1)
 
 
 # ---------------------------------------------------------------- the run and the report
-def run(root: Path, sizes: list[int], rounds: int, paths: list[str]) -> tuple[dict, dict]:
+def run(root: Path, sizes: list[int], rounds: int, paths: list[str], budget_s: float | None = None) -> dict[str, Any]:
+    """Every measurement: {"times": {(path, N, workers): [(seconds, orchestration CPU seconds), ...]}, "machine":
+    the machine check before and after, "cpu": the CPU line, "pinning": where each worker may run}.
+
+    A round measures each size in the order given; a size's block is every path on 1 and on 2 workers. With
+    `budget_s`, a block that would not end within that many seconds of the start (judged by the slowest block per
+    model so far) is left out: fewer runs of some sizes, every run complete and paired."""
     from edgeq.demo import ensure_demo
 
+    start = time.monotonic()
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         raise SystemExit(f"needs 2 CPUs to pin 2 workers to, this process may use {cpus}")
     root = ensure_demo(root)
+    out: dict[str, Any] = {"times": {}, "machine": [machine_check(cpus)], "pinning": {},
+                           "cpu": machine_description(cpus)}
+    print(out["cpu"], flush=True)
+    print(f"machine check (2 loops side by side / 1 alone): {out['machine'][0]}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="edgeq-scaling-"))
-    times: dict[tuple[str, int, int], list[float]] = {}
-    info: dict[str, Any] = {}
     opened = []
     try:
         models = Models(root, work)
         pool = WorkPoolPath(work, cpus)  # the server both paths report to
         opened.append(pool)
-        info["workpool pinning"] = pool.pinning
+        out["pinning"]["workpool"] = pool.pinning
         runners: dict[str, Any] = {}
         if "workpool" in paths:
             runners["workpool"] = pool
         if "dask" in paths:
-            runners["dask"] = DaskPath(pool.server.api, cpus)
+            runners["dask"] = DaskPath(pool, cpus)
             opened.append(runners["dask"])
-            info["dask pinning"] = runners["dask"].pinning
-        print(f"pinning: {info}", flush=True)
+            out["pinning"]["dask"] = runners["dask"].pinning
+        print(f"pinning: {out['pinning']}", flush=True)
         for name, r in runners.items():  # untimed: imports, first compiles, the disk cache
             r.measure(models.fresh(2, f"warmup-{name}"), models.version, 2)
+        per_model = 0.0  # the most seconds a block took per model so far: a block of N models takes about N times it
         for rnd in range(rounds):
             for n in sizes:
+                left = budget_s - (time.monotonic() - start) - RESERVE_S if budget_s is not None else None
+                if left is not None and per_model * n > left:
+                    print(f"  round {rnd + 1}: N = {n} not run: about {per_model * n:.0f} s, {max(left, 0):.0f} s of "
+                          "the budget left", flush=True)
+                    continue
+                t_block = time.monotonic()
                 for name, r in runners.items():
-                    for w in (1, 2):
-                        dt = r.measure(models.fresh(n, f"{name}-{n}x{w}-r{rnd}"), models.version, w)
-                        times.setdefault((name, n, w), []).append(dt)
-                        print(f"  round {rnd + 1}: {name:8} {n} conversion(s) on {w} worker(s): {dt:6.1f} s",
-                              flush=True)
+                    for w in ((1, 2) if rnd % 2 == 0 else (2, 1)):  # neither count always goes first
+                        dt, cpu = r.measure(models.fresh(n, f"{name}-{n}x{w}-r{rnd}"), models.version, w)
+                        out["times"].setdefault((name, n, w), []).append((dt, cpu))
+                        print(f"  round {rnd + 1}: {name:8} {n} conversion(s) on {w} worker(s): {dt:6.1f} s   "
+                              f"server+db+here CPU {cpu:5.1f} s   load {os.getloadavg()[0]:.1f}   "
+                              f"{getattr(r, 'last', '')}", flush=True)
+                per_model = max(per_model, (time.monotonic() - t_block) / n)
     finally:
         for o in reversed(opened):
             o.close()
         shutil.rmtree(work, ignore_errors=True)
-    return times, info
+    out["machine"].append(machine_check(cpus))
+    return out
 
 
-def report(times: dict[tuple[str, int, int], list[float]], sizes: list[int], paths: list[str]) -> str:
+def report(out: dict[str, Any], sizes: list[int], paths: list[str]) -> str:
     def cell(v: list[float]) -> str:
         return f"{statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f})"
 
-    rounds = max(len(v) for v in times.values())
-    lines = [f"ResNet-18 3x{SIZE}x{SIZE} conversions (export + compile check x3 + INT8 PTQ), each worker on 1 CPU "
-             f"with 1 thread; seconds, median (min-max) of {rounds} round(s)",
-             "| path | N | 1 worker | 2 workers | speed-up (medians) | s per conversion, 2 workers |",
-             "|---|---|---|---|---|---|"]
+    times = out["times"]
+    checks = "; ".join(f"{k} {' then '.join(f'{m[k]:.2f}x' for m in out['machine'])}" for k in ("compute", "memory"))
+    lines = [out["cpu"],
+             f"ResNet-18 3x{SIZE}x{SIZE} conversions (export + compile check x3 + INT8 PTQ), each worker pinned to "
+             "its own CPU with 1 thread; seconds from submission until every conversion ended, median (min-max) of the runs",
+             f"machine check, 2 pinned loops side by side vs 1 alone, before then after: {checks}",
+             ("| path | N | runs | 1 worker | 2 workers | speed-up (ratio of medians) | speed-up per run, median (min-max) "
+              "| s per conversion, 2 workers | server+db+orchestrator CPU s per conversion |"),
+             "|---|---|---|---|---|---|---|---|---|"]
     for p in paths:
-        for n in sizes:
-            one, two = times[(p, n, 1)], times[(p, n, 2)]
-            lines.append(f"| {p} | {n} | {cell(one)} | {cell(two)} | "
-                         f"{statistics.median(one) / statistics.median(two):.2f}x | {statistics.median(two) / n:.1f} |")
+        for n in sorted(sizes):
+            if (p, n, 1) not in times or (p, n, 2) not in times:
+                lines.append(f"| {p} | {n} | 0 | not run (time budget) | | | | | |")
+                continue
+            one, two = [t for t, _ in times[(p, n, 1)]], [t for t, _ in times[(p, n, 2)]]
+            ratios = [a / b for a, b in zip(one, two)]  # the same round's 1-worker and 2-worker times
+            cpu = statistics.median(c for w in (1, 2) for _, c in times[(p, n, w)]) / n
+            lines.append(f"| {p} | {n} | {len(ratios)} | {cell(one)} | {cell(two)} | "
+                         f"{statistics.median(one) / statistics.median(two):.2f}x | "
+                         f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | "
+                         f"{statistics.median(two) / n:.1f} | {cpu:.1f} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # before Prefect is imported: only the numbers
     quiet_environment()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, default=Path(".edgeq/demo"), help="demo build folder (built if missing)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--paths", nargs="+", default=["workpool", "dask"], choices=["workpool", "dask"])
+    ap.add_argument("--budget-minutes", type=float, default=None,
+                    help="start no round that would end past this many minutes from the start (fewer rounds)")
     args = ap.parse_args(argv)
     import logging
 
-    logging.getLogger("prefect").setLevel(logging.WARNING)
-    times, _ = run(args.root, args.sizes, args.rounds, args.paths)
-    print(report(times, args.sizes, args.paths))
+    for name in ("prefect", "distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    budget = args.budget_minutes * 60 if args.budget_minutes else None
+    print(report(run(args.root, args.sizes, args.rounds, args.paths, budget), args.sizes, args.paths))
 
 
 if __name__ == "__main__":
