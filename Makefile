@@ -31,5 +31,6 @@ lint: install
 	$(BIN)/pip install -q --no-index --no-deps --no-build-isolation --target $(LINT_SITE) ./$(LINT_SRC)
 	cd $(LINT_SITE) && PYTHONPATH=. $(abspath $(BIN))/lint-imports --no-cache --no-logo $(CURDIR)/pyproject.toml
 
+# Two pytest-xdist workers (fewer where fewer CPUs: tests/conftest.py), each on its own CPUs, module by module.
 test: lint
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -n auto --dist loadfile

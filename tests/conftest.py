@@ -10,6 +10,18 @@ from pathlib import Path
 import pytest
 import yaml
 
+# `make test` runs two pytest-xdist workers. Each gets its own share of the CPUs, set before torch (OpenMP), ONNX
+# Runtime or OpenVINO load and inherited by the servers and workers it starts: every runtime then sizes its thread
+# pool to that share. Unpinned, two workers' spinning thread pools on two cores slowed the demo build 30-fold.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKER.startswith("gw") and _WORKERS > 1 and hasattr(os, "sched_setaffinity"):
+    _cpus = sorted(os.sched_getaffinity(0))
+    if len(_cpus) >= _WORKERS:
+        _share = _cpus[int(_WORKER[2:]) % _WORKERS::_WORKERS]
+        os.sched_setaffinity(0, _share)
+        os.environ["OMP_NUM_THREADS"] = str(len(_share))
+
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="edgeq-tests-"))
 # Before Prefect is imported anywhere: results of this session stay in this session.
 os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(_SESSION_TMP / "prefect-results"))
@@ -40,12 +52,12 @@ def demo_root() -> Path:
     return ensure_demo(_SESSION_TMP / "demo")
 
 
-def write_config(folder: Path, demo_root: Path, **overrides) -> Path:
-    """A copy of the demo config in `folder`, pointing at the session's demo build; top-level keys overridable."""
+def write_config(folder: Path, demo_root: Path, _source: Path = DEMO_YAML, _built: str = ".edgeq/demo",
+                 **overrides) -> Path:
+    """A copy of a demo config (default: the digits demo's) in `folder`, pointing at the session's build of that
+    demo and at a store in `folder`; top-level keys overridable (None removes one)."""
     folder.mkdir(parents=True, exist_ok=True)
-    data = yaml.safe_load(DEMO_YAML.read_text())
-    text = yaml.safe_dump(data).replace(".edgeq/demo", str(demo_root))
-    data = yaml.safe_load(text)
+    data = yaml.safe_load(_source.read_text().replace(_built, str(demo_root)))
     data["store"] = str(folder / "store")
     data["prepare_kwargs"] = {"root": str(demo_root)}
     for key, value in overrides.items():
@@ -67,20 +79,8 @@ def text_demo_root() -> Path:
 
 
 def write_text_config(folder: Path, text_root: Path, **overrides) -> Path:
-    """A copy of text-demo.yaml in `folder`, pointing at the session's text demo build; top-level keys
-    overridable (None removes one)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    text = (REPO / "text-demo.yaml").read_text().replace(".edgeq/text-demo", str(text_root))
-    data = yaml.safe_load(text)
-    data["store"] = str(folder / "store")
-    for key, value in overrides.items():
-        if value is None:
-            data.pop(key, None)
-        else:
-            data[key] = value
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    """A copy of text-demo.yaml in `folder`, pointing at the session's text demo build (see write_config)."""
+    return write_config(folder, text_root, REPO / "text-demo.yaml", ".edgeq/text-demo", **overrides)
 
 
 @pytest.fixture(scope="session")
@@ -144,3 +144,31 @@ def pytest_terminal_summary(terminalreporter):
         passed = sum(r.passed for r in reports)
         terminalreporter.write_line(f"bad-input catalogue: {len(reports)} bad inputs checked, {passed} refused "
                                     "with their specific error and an unchanged store")
+
+
+# --- The longest modules first. `make test` runs the suite on two processes, module by module (pytest-xdist,
+# --dist loadfile, each module's fixtures built once); a long module that starts last would run alone at the end.
+LONG_MODULES_FIRST = (
+    "tests/scaleout/test_postgres_workers.py",
+    "tests/deployments/test_deployments.py",
+    "tests/reliability/test_crash_and_concurrency.py",
+    "tests/reliability/test_scale_out.py",
+    "tests/test_text_demo_pipeline.py",
+    "tests/reliability/test_faults.py",
+    "tests/quantization/test_multi_input.py",
+    "tests/quantization/test_escalation.py",
+    "tests/reliability/test_bad_input_catalogue.py",
+    "tests/deployments/test_retrain_and_serve.py",
+    "tests/test_demo.py",
+    "tests/test_validate.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {m: i for i, m in enumerate(LONG_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: the rest keep order
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: two workers, one per CPU share (see the pinning at the top); one where only one CPU is ours."""
+    return max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))

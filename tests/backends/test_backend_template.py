@@ -85,7 +85,8 @@ class TemplateBackendTest(ABC):
         if not backend.measures_latency:
             assert lat is None
             return
-        assert lat is not None and 0 < lat.median_ms <= lat.p90_ms < 1000
+        # milliseconds, ordered; no upper bound: a remote device behind a process per call is slow on a busy machine
+        assert lat is not None and 0 < lat.median_ms <= lat.p90_ms
         assert lat.iters == self.iters and lat.batch == 1 and lat.threads >= self.min_threads and lat.precision == self.f32
 
     def test_matches_onnxruntime_fp32(self, demo_onnx_path, demo_samples):

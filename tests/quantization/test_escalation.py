@@ -48,7 +48,7 @@ def test_sensitive_layer_kept_in_fp32_rescues_the_sla(tmp_path, demo_root):
 
 
 def test_escalation_reaches_qat_and_fails_with_the_table_when_nothing_meets(tmp_path, demo_root):
-    cfg, fp32, calib, val, train, opset = _setup(tmp_path, demo_root, max_sensitive_fp32=0)
+    cfg, fp32, calib, val, train, opset = _setup(tmp_path, demo_root, max_sensitive_fp32=0, qat_epochs=1)
     with pytest.raises(GateError) as err:
         run_quantization(cfg, fp32, build_model(cfg.model), calib, "v-test", val, train, tmp_path / "out", opset)
     rep = err.value.report
