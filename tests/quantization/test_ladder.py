@@ -18,6 +18,7 @@ from edgeq.quantization.escalate import (
     ptq_base,
     ptq_variants,
     qat,
+    retime_ties,
     side_by_side,
     speed_verdict,
 )
@@ -86,6 +87,33 @@ def test_side_by_side_times_both_models_in_every_round(demo_onnx_path, tmp_path)
     bad.write_bytes(b"not a model")
     lat = side_by_side(demo_onnx_path, bad, target, feeds, rounds=3, iters=10)
     assert lat.error and lat.speedup is None and not lat.round_ratios
+
+
+def _matmul_chain(path, n: int):
+    """[1, 64] -> n MatMuls by a 64x64 matrix: a model whose latency grows with n."""
+    w = helper.make_tensor("w", TensorProto.FLOAT, [64, 64], (np.eye(64, dtype=np.float32) * 0.5).ravel().tolist())
+    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", "w"], [f"h{i + 1}" if i < n - 1 else "y"])
+             for i in range(n)]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], initializer=[w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return str(path)
+
+
+def test_tied_attempts_are_timed_side_by_side_before_the_faster_one_is_chosen(tmp_path):
+    """The ladder's timings, taken minutes apart, say the 200-MatMul model is the faster one (as a busy machine can);
+    timed against each other, the 1-MatMul model is, and it ships. An attempt outside the tie is not timed."""
+    from edgeq.core.specs import TargetSpec
+
+    slow = _attempt(0, 0.97, True, 0.01)
+    slow.onnx_path = _matmul_chain(tmp_path / "slow.onnx", 200)
+    fast = _attempt(1, 0.97, True, 5.0)
+    fast.onnx_path = _matmul_chain(tmp_path / "fast.onnx", 1)
+    assert choose_attempt([slow, fast], "cpu").index == 0  # on the ladder's timings
+    target = TargetSpec(name="cpu", backend="onnxruntime")
+    retime_ties([slow, fast], target, {"x": np.ones((1, 64), np.float32)}, rounds=3, iters=20)
+    assert fast.latency[0].int8_ms < slow.latency[0].int8_ms, (fast.latency, slow.latency)
+    assert choose_attempt([slow, fast], "cpu").index == 1
 
 
 def test_ptq_settings_come_from_the_spec():
