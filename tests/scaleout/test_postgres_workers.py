@@ -380,9 +380,12 @@ def test_database_outage_mid_run_is_ridden_out_and_each_model_is_published_once(
     assert all(rig.times_running(r) == 1 for r in ids), outcome  # ridden out, not restarted
     assert sorted(rig.worker_of(r) for r in ids) == sorted(WORKERS)
     for r in ids:
-        states = task_states(rig.task_runs(r, settle=60))  # every task ran once (names are unique per run)
-        assert set(states.values()) == {"Completed"}, states
-        assert of(states, "publish") == ["Completed"], states
+        # The server records task runs from the events a flow run sends; events sent around the outage can be lost
+        # (seen in a clean-clone CI run: a completed run's record lacked its publish task). What must hold: no task
+        # recorded in another state (none failed or retried; names are unique per run). That each model was
+        # published once is read from the store below, not from the event record.
+        states = task_states(rig.task_runs(r, settle=60))
+        assert states and set(states.values()) == {"Completed"}, states
     bundles = {rig.bundle_of(r) for r in ids}
     verify_store(rig.store)
     assert len(bundles) == 2 and {p.name for p in (rig.store / "bundles").iterdir()} - bundles_before == bundles
