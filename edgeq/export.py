@@ -1,6 +1,6 @@
 """Export stage: PyTorch -> ONNX at the targets' opset, then prove the file is right.
 
-Plain functions (no Prefect) so tests call them directly; `tasks/export.py` wraps them.
+Plain functions (no Prefect) so tests call them directly; `edgeq/tasks/export.py` wraps them.
 """
 
 from __future__ import annotations

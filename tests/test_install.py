@@ -1,8 +1,8 @@
 """edgeq installs as one import namespace, `edgeq`, with real pip: a regular install and an editable one.
 
-The repository keeps flows/, tasks/, backends/ and calibration/ at the top level; pyproject.toml maps them to
-edgeq.flows, edgeq.tasks, edgeq.backends and edgeq.calibration. These tests check that nothing else lands in
-site-packages and that every module and the `edgeq` command work from outside the checkout.
+Every module lives under edgeq/ (edgeq.flows, edgeq.tasks, edgeq.backends, edgeq.calibration, ...). These tests
+check that nothing else lands in site-packages, that an editable install serves the source folders, and that every
+module and the `edgeq` command work from outside the checkout.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = ("export", "check", "calibrate", "quantize", "convert", "demo", "calibration")
-MAPPED = {"edgeq.flows": "flows", "edgeq.tasks": "tasks", "edgeq.backends": "backends",
-          "edgeq.calibration": "calibration", "edgeq.backends.profiles": "backends/profiles"}
+MAPPED = {"edgeq.flows": "edgeq/flows", "edgeq.tasks": "edgeq/tasks", "edgeq.backends": "edgeq/backends",
+          "edgeq.calibration": "edgeq/calibration", "edgeq.backends.profiles": "edgeq/backends/profiles"}
 
 
 def _not_source(folder: str, names: list[str]) -> set[str]:

@@ -1,8 +1,7 @@
 """The layer contract of pyproject.toml ([tool.importlinter]) holds, and an import up the layers breaks it.
 
-lint-imports (grimp) reads the package from disk, and in an editable install edgeq.flows, edgeq.tasks,
-edgeq.backends and edgeq.calibration live outside edgeq/, where it cannot see them; so the contract is checked
-on a regular install of the working tree, as `make lint` does.
+`lint-imports` run as a developer types it, from the repository root (it reads the source tree edgeq/), and on a
+regular install of the working tree; the breaking import is planted in a copy of that install.
 """
 
 from __future__ import annotations
@@ -21,8 +20,7 @@ from tests.test_install import REPO, stage_install
 def lint_imports(tree: Path) -> subprocess.CompletedProcess:
     exe = Path(sysconfig.get_path("scripts")) / "lint-imports"
     assert exe.is_file(), f"{exe} missing: install the test extra (pip install -e '.[test]')"
-    # Run inside the installed tree: lint-imports puts its working directory first on sys.path, so from the
-    # repository root it would analyse the source edgeq/, which has no flows, tasks, backends or calibration.
+    # lint-imports puts its working directory first on sys.path: run inside `tree`, it analyses that edgeq.
     env = {**os.environ, "PYTHONPATH": str(tree)}
     return subprocess.run([exe, "--no-cache", "--no-logo", REPO / "pyproject.toml"], cwd=tree, env=env,
                           capture_output=True, text=True, timeout=120)
@@ -31,6 +29,12 @@ def lint_imports(tree: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory) -> Path:
     return stage_install(tmp_path_factory.mktemp("layers"))
+
+
+def test_the_layer_contract_holds_from_the_repository_root():
+    proc = lint_imports(REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Contracts: 1 kept, 0 broken." in proc.stdout, proc.stdout
 
 
 def test_the_layer_contract_holds_on_the_installed_package(staged):

@@ -7,7 +7,7 @@ A backend answers, for one target (a `TargetSpec`):
 - ``supports_node(domain, op_type, target)``: does it have this op;
 - ``prepare(model_path, target, out_dir)``: the deployable form (static batch=1 unless the target
   asks ``batch: dynamic``, the target's layout, precision pinned) written under ``out_dir``;
-- ``load_runner(prepared, target)``: a `Runner` (backends/runner.py) on a prepared form;
+- ``load_runner(prepared, target)``: a `Runner` (edgeq/backends/runner.py) on a prepared form;
 - ``runner(model_path, target)``: prepare into a temporary folder and return a runner on it;
 - ``check_compiles(model_path, target)``: a structured `CompileReport` (never raises for a target
   problem: an unsupported op, an opset too high or a failed compile is a ``failed`` row);

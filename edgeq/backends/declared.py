@@ -2,7 +2,7 @@
 
 For toolchains that cannot be installed here (e.g. Hailo DFC, vendor NPUs). Nothing is compiled:
 a passing row is "declared-ok" ("nothing in the graph contradicts the profile"), never "compiled".
-A target's ``profile`` is a YAML path, or the name of a profile shipped in ``backends/profiles``
+A target's ``profile`` is a YAML path, or the name of a profile shipped in ``edgeq/backends/profiles``
 (``hailo8-example``).
 """
 
@@ -87,7 +87,7 @@ class DeclaredBackend(Backend):
     def check_target(self, target) -> None:
         if target.profile is None:
             raise SpecError(f"target {target.name!r}: backend 'declared' needs 'profile' (a target profile YAML, "
-                            "e.g. backends/profiles/hailo8-example.yaml)")
+                            "e.g. edgeq/backends/profiles/hailo8-example.yaml)")
 
     def int8_scheme(self, target) -> Int8Scheme:
         return Int8Scheme(types="s8s8", reason="vendor NPU compilers (declared targets) expect symmetric signed INT8")
