@@ -16,11 +16,11 @@ import importlib
 
 from edgeq.backends.base import Backend
 from edgeq.backends.records import CompileReport, LatencyReport
-from edgeq.backends.runner import PairedLatency, Runner, benchmark, paired_benchmark
+from edgeq.backends.runner import PairedLatency, Runner, benchmark, interleaved_benchmark, paired_benchmark
 from edgeq.core.errors import SpecError
 
 __all__ = ["Backend", "CompileReport", "LatencyReport", "PairedLatency", "Runner", "benchmark", "get_backend",
-           "known_backends", "paired_benchmark"]
+           "interleaved_benchmark", "known_backends", "paired_benchmark"]
 
 # name -> "module:Class"; modules are imported on first use so a missing SDK costs nothing here.
 # Extras a backend needs: tensorrt -> `pip install 'edgeq[tensorrt]'` plus an NVIDIA GPU.

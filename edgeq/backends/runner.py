@@ -179,18 +179,25 @@ class PairedLatency:
         return self._median(self.ratios)
 
 
+def interleaved_benchmark(runners: list[Runner], feeds: dict[str, np.ndarray], rounds: int = 5,
+                          iters: int = 100) -> list[list[float]]:
+    """Time active runners side by side: `rounds` rounds of `iters` batch-1 runs each, the order rotating by one
+    every round so drift on a shared machine hits all alike; per runner, its median ms in each round."""
+    if rounds < 1:
+        raise ValueError(f"a side-by-side benchmark needs rounds >= 1, got {rounds}")
+    times: list[list[float]] = [[] for _ in runners]
+    for r in range(rounds):
+        k = r % len(runners)
+        for i in list(range(len(runners)))[k:] + list(range(len(runners)))[:k]:
+            times[i].append(benchmark(runners[i], feeds, warmup=max(5, iters // 10), iters=iters).median_ms)
+    return times
+
+
 def paired_benchmark(a: Runner, b: Runner, feeds: dict[str, np.ndarray], rounds: int = 5,
                      iters: int = 100) -> PairedLatency:
-    """Time two active runners side by side: `rounds` alternating rounds (the first to run alternates too) of
-    `iters` batch-1 runs each, so drift on a shared machine hits both alike. One result, not one number: the
-    caller reports the median of the per-round ratios with their range."""
-    if rounds < 1:
-        raise ValueError(f"paired_benchmark needs rounds >= 1, got {rounds}")
-    a_ms, b_ms = [], []
-    for r in range(rounds):
-        order = [(a, a_ms), (b, b_ms)] if r % 2 == 0 else [(b, b_ms), (a, a_ms)]
-        for runner, out in order:
-            out.append(benchmark(runner, feeds, warmup=max(5, iters // 10), iters=iters).median_ms)
+    """Two active runners in alternating rounds (`interleaved_benchmark`). One result, not one number: the caller
+    reports the median of the per-round ratios with their range."""
+    a_ms, b_ms = interleaved_benchmark([a, b], feeds, rounds, iters)
     return PairedLatency(a_ms=a_ms, b_ms=b_ms)
 
 

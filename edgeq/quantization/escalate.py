@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from edgeq.backends import benchmark, get_backend, paired_benchmark
+from edgeq.backends import benchmark, get_backend, interleaved_benchmark, paired_benchmark
 from edgeq.backends.base import KernelRow
 from edgeq.calibration.readers import CalibrationReader
 from edgeq.core.data import batch_size
@@ -432,12 +432,7 @@ def retime_ties(attempts: list[Attempt], target: TargetSpec, feeds: dict[str, np
             runners = [stack.enter_context(backend.runner(Path(a.onnx_path), target)) for a in attempts]
         except Exception:  # noqa: BLE001 - one that cannot load keeps the ladder's timings for all
             return
-        times: list[list[float]] = [[] for _ in attempts]
-        for r in range(rounds):
-            order = list(range(len(attempts)))
-            order = order[r % len(order):] + order[:r % len(order)]
-            for i in order:
-                times[i].append(benchmark(runners[i], feeds, warmup=max(5, iters // 10), iters=iters).median_ms)
+        times = interleaved_benchmark(runners, feeds, rounds, iters)
     for a, t in zip(attempts, times):
         for lat in a.latency:
             if lat.target == target.name and lat.int8_ms:
