@@ -134,7 +134,8 @@ def token_config(folder: Path, weights: Path, paths: dict[str, Path], **override
         "data": {"train": {"kind": "arrays", "path": str(paths["train"])},
                  "validation": {"kind": "arrays", "path": str(paths["validation"])},
                  "test": {"kind": "arrays", "path": str(paths["test"])}},
-        "thresholds": {"parity_samples": 16},
+        # the speed gate off: a 0.1 ms encoder's INT8 speed depends on the CPU; the gate has its own tests
+        "thresholds": {"parity_samples": 16, "int8_min_speedup": 0},
     }
     for k, v in overrides.items():
         cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v

@@ -13,7 +13,7 @@ from tests.conftest import write_config
 
 @pytest.fixture(scope="module")
 def convert_config(tmp_path_factory, demo_root):
-    path = write_config(tmp_path_factory.mktemp("convert"), demo_root)
+    path = write_config(tmp_path_factory.mktemp("convert"), demo_root, wide=True)  # the demo's model, speed gate on
     data = yaml.safe_load(path.read_text())
     data["quantization"] = {"latency_iters": 10}
     data["validation"] = {"latency_iters": 10}
@@ -39,6 +39,7 @@ def test_demo_command_converts_and_publishes_then_reruns_from_cache(prefect_serv
     for stage in ("PyTorch FP32", "ONNX FP32", "ONNX INT8", "device INT8"):
         assert stage in res.output
     assert res.output.count("[PASS]") == 3
+    assert "x faster than FP32 on ort-cpu" in res.output  # the demo's model: the speed gate (1.0) let it ship
     store = Path(yaml.safe_load(convert_config.read_text())["store"])
     bundles = list((store / "bundles").iterdir())
     assert len(bundles) == 1
@@ -93,3 +94,23 @@ def test_quantize_cli_prints_the_attempts(prefect_server, convert_config):
     assert res.exit_code == 0, res.output
     assert "policy: start with ptq — mobile-style" in res.output
     assert "u8s8" in res.output and "chosen: attempt 0" in res.output
+
+
+def test_an_int8_model_slower_than_fp32_does_not_ship(prefect_server, demo_root, tmp_path):
+    """The demo CNN without its wide head (0.05 ms at batch 1): its quantize/dequantize steps cost more than its
+    integer kernels save, INT8 is slower than FP32 on ONNX Runtime, and the speed gate (on, at 1.0) refuses it,
+    saying why per op type. Nothing is published."""
+    path = write_config(tmp_path, demo_root, targets=[{"name": "ort-cpu", "backend": "onnxruntime"},
+                                                      {"name": "openvino-cpu", "backend": "openvino"}],
+                        quantization={"mode": "ptq", "latency_iters": 20, "max_sensitive_fp32": 0})
+    data = yaml.safe_load(path.read_text())
+    assert data["model"]["kwargs"]["hidden"] == 0
+    data["thresholds"]["int8_min_speedup"] = 1.0
+    path.write_text(yaml.safe_dump(data))
+    res = CliRunner().invoke(app, ["demo", str(path)])
+    assert res.exit_code == 1, res.output
+    out = " ".join(res.output.split())
+    assert "speed gate: the INT8 model runs at 0." in out and "below thresholds.int8_min_speedup 1" in out, out
+    assert "Conv 5/5 quantized in integer kernels" in out and "left between kernels" in out, out  # why, per op type
+    assert "`thresholds.int8_min_speedup: 0` turns this gate off" in out
+    assert not (tmp_path / "store" / "bundles").exists()

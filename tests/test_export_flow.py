@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from edgeq.tasks.config import load_prepared
 from edgeq.tasks.export import export_task
-from tests.conftest import write_config
+from tests.conftest import SMALL_WEIGHTS, write_config
 
 
 @flow
@@ -26,7 +26,7 @@ def test_unchanged_inputs_hit_the_cache_and_changed_weights_miss(prefect_server,
 
     # Same weights copied to another file: same content, still a hit.
     copy = tmp_path / "copy.safetensors"
-    shutil.copy(demo_root / "digits_cnn.safetensors", copy)
+    shutil.copy(demo_root / SMALL_WEIGHTS, copy)
     data = yaml.safe_load(path.read_text())
     data["model"]["weights"] = str(copy)
     path.write_text(yaml.safe_dump(data))

@@ -5,13 +5,13 @@ import yaml
 
 from edgeq.core.errors import SpecError
 from edgeq.core.specs import load_config
-from tests.conftest import write_config
+from tests.conftest import SMALL_WEIGHTS, write_config
 
 
 def test_demo_config_loads_with_paths_relative_to_the_file(demo_config_path):
     cfg = load_config(demo_config_path)
     assert cfg.model.inputs[0].dynamic_axes == {0: "batch"}
-    assert cfg.model.weights.is_absolute() and cfg.model.weights.name == "digits_cnn.safetensors"
+    assert cfg.model.weights.is_absolute() and cfg.model.weights.name == SMALL_WEIGHTS
     assert cfg.thresholds.export_atol == 1e-5
 
 

@@ -48,7 +48,7 @@ from edgeq.core.onnx_graph import (
     node_label,
     sample_feeds,
 )
-from edgeq.core.platform import x86_without_vnni
+from edgeq.core.platform import declared_x86_without_vnni, x86_without_vnni
 
 
 def fix_batch(inputs: list[TensorMeta], batch: str, dims: dict[str, int] | None = None) -> tuple[dict[str, list[int | str]], list[str]]:
@@ -74,15 +74,22 @@ def fix_batch(inputs: list[TensorMeta], batch: str, dims: dict[str, int] | None 
     return shapes, notes
 
 
-def x86_cpu_scheme(runtime: str) -> Int8Scheme:
-    """U8S8 on this machine's CPU; 7-bit weights where it has no VNNI (U8S8 saturation)."""
-    if x86_without_vnni():
+def x86_cpu_scheme(runtime: str, declared_isa: list[str] | None = None) -> Int8Scheme:
+    """U8S8 on the target's CPU; 7-bit weights where it has no VNNI (U8S8 saturation). The CPU is the one the target
+    declares (`cpu_isa`: the model ships to another machine) or else this one."""
+    if declared_isa is not None:
+        without_vnni = declared_x86_without_vnni(declared_isa)
+        cpu = f"the target's declared CPU (cpu_isa {', '.join(declared_isa)})"
+    else:
+        without_vnni, cpu = x86_without_vnni(), "this x86 CPU"
+    if without_vnni:
         return Int8Scheme(types="u8s8", reduce_range=True, reason=(
-            f"{runtime} on this x86 CPU without VNNI: unsigned activations + signed weights, weights in 7 bits "
+            f"{runtime} on {cpu}, without VNNI: unsigned activations + signed weights, weights in 7 bits "
             "(reduce_range) because U8S8 kernels without VNNI saturate (measured: 30 output steps off OpenVINO "
             "on the demo with 8-bit weights, 1 step with 7-bit)"))
     return Int8Scheme(types="u8s8", reason=(
-        f"{runtime} on an x86 CPU: unsigned activations + signed weights map onto VNNI kernels; measured, signed "
+        f"{runtime} on {cpu if declared_isa is not None else 'an x86 CPU'}: unsigned activations + signed weights "
+        "map onto VNNI kernels; measured, signed "
         "activations left ops unfused and ran no faster than FP32"))
 
 

@@ -276,9 +276,9 @@ class OnnxRuntimeBackend(Backend):
 
     def int8_scheme(self, target) -> Int8Scheme:
         if target.device == "cpu":
-            return x86_cpu_scheme("ONNX Runtime")
+            return x86_cpu_scheme("ONNX Runtime", target.cpu_isa)
         if target.device == "openvino":
-            return x86_cpu_scheme("ONNX Runtime's OpenVINO provider")
+            return x86_cpu_scheme("ONNX Runtime's OpenVINO provider", target.cpu_isa)
         if target.device in ("cuda", "tensorrt"):
             return Int8Scheme(types="s8s8", reason=f"ONNX Runtime on {target.device}: GPU INT8 kernels take "
                                                    "symmetric signed activations and weights")

@@ -203,7 +203,7 @@ class OpenVinoBackend(Backend):
 
     def int8_scheme(self, target) -> Int8Scheme:
         if target.device == "cpu":
-            return x86_cpu_scheme("OpenVINO CPU")
+            return x86_cpu_scheme("OpenVINO CPU", target.cpu_isa)
         return super().int8_scheme(target)
 
     def max_opset(self, target=None) -> int:

@@ -45,3 +45,10 @@ def x86_without_vnni() -> bool:
     """
     flags = _flags()
     return is_x86() and bool(flags) and not any(f in flags for f in _VNNI)
+
+
+def declared_x86_without_vnni(isa: list[str]) -> bool:
+    """The same question for a CPU declared by its ISA flags (a target's `cpu_isa`, named as /proc/cpuinfo names
+    them): x86 (any of sse4_2, avx, avx2, avx512f) and none of the VNNI/AMX flags."""
+    flags = {f.lower() for f in isa}
+    return bool(flags & {"sse4_2", "avx", "avx2", "avx512f"}) and not flags & set(_VNNI)

@@ -165,6 +165,10 @@ class TargetSpec(Spec):
     provider: Literal["cpu", "directml", "cuda", "tensorrt", "openvino", "qnn", "coreml"] | None = Field(
         None, description="onnxruntime targets: the execution provider (CPU, DirectML, CUDA, TensorRT, OpenVINO, QNN, "
                           "CoreML); it is the target's device")
+    cpu_isa: list[str] | None = Field(
+        None, description="CPU targets: the ISA flags of the CPU the model ships to, as /proc/cpuinfo names them (e.g. "
+                          "[avx2, fma] or [avx512f, avx512_vnni]), when that is not this machine's; an x86 CPU without "
+                          "VNNI/AMX gets 7-bit weights (reduce_range). Default: this machine's CPU")
 
     @model_validator(mode="before")
     @classmethod
@@ -265,6 +269,11 @@ class Thresholds(Spec):
     qat_parity_steps: float = Field(
         3.0, gt=0, description="QAT export check, ONNX Runtime vs the QAT model in PyTorch: tolerance in quantization "
                                "steps of the output, read from the exported graph")
+    int8_min_speedup: float = Field(
+        1.0, ge=0, description="speed gate: the chosen INT8 model must run at least this many times faster than FP32 "
+                               "on the deployment target (batch 1, side by side, median of quantization.speed_rounds "
+                               "alternating rounds), or it does not ship; 0 turns the gate off. Not checked where the "
+                               "deployment target cannot be timed on this machine")
     qat_min_agreement: float = Field(
         0.99, ge=0, le=1, description="QAT export check: top-1 agreement on the confident samples (PyTorch top-1 "
                                       "margin above the tolerance)")

@@ -472,6 +472,26 @@ def speed_verdict(chosen: Attempt, deploy_target: str) -> tuple[bool | None, str
     return lat.speedup > 1.0, note
 
 
+SPEED_GATE_ADVICE = (
+    "What to do: quantize for the runtime where INT8 pays (a target with integer kernels: VNNI or AMX on x86, a "
+    "CPU/NPU with INT8 dot products), keep the layers named above in FP32, or ship FP32; "
+    "`thresholds.int8_min_speedup: 0` turns this gate off.")
+
+
+def speed_gate(chosen: Attempt, deploy_target: str, minimum: float) -> str | None:
+    """Why the chosen INT8 model may not ship for speed: its side-by-side speed-up over FP32 on the deployment
+    target is below `minimum` (`thresholds.int8_min_speedup`). None when it passes, when the gate is off (0) and
+    when the deployment target could not be timed here (the verdict says so)."""
+    lat = next((lat for lat in chosen.latency if lat.target == deploy_target), None)
+    if minimum <= 0 or lat is None or lat.speedup is None or lat.speedup >= minimum:
+        return None
+    spread = (f"; FP32/INT8 {min(lat.round_ratios):.2f}-{max(lat.round_ratios):.2f}x over "
+              f"{len(lat.round_ratios)} alternating rounds" if lat.round_ratios else "")
+    return (f"speed gate: the INT8 model runs at {lat.speedup:.2f}x FP32's speed on the deployment target "
+            f"{deploy_target} ({lat.int8_ms:.3f} ms vs {lat.fp32_ms:.3f} ms at batch 1{spread}), below "
+            f"thresholds.int8_min_speedup {minimum:g}: an INT8 model that does not pay on its target does not ship")
+
+
 def side_by_side(fp32_onnx: Path, int8_onnx: Path, target: TargetSpec, feeds: dict[str, np.ndarray], rounds: int,
                  iters: int) -> Latency:
     """The chosen model's latency for the speed verdict: FP32 and INT8 on `target`, both loaded, timed in
@@ -595,8 +615,14 @@ def run_quantization(
                                    q.latency_iters)
             chosen.latency = [verdict if lat.target == deploy.name else lat for lat in chosen.latency]
         report.faster_than_fp32, report.speed_note = speed_verdict(chosen, deploy.name)
-        if report.faster_than_fp32 is False:
+        refusal = speed_gate(chosen, deploy.name, cfg.thresholds.int8_min_speedup)
+        if report.faster_than_fp32 is False or refusal:
             explain_int8_speed(report, Path(chosen.onnx_path), deploy, fp32_onnx, batch1_feeds(val_x))
+        if report.faster_than_fp32 is None and cfg.thresholds.int8_min_speedup > 0:
+            report.speed_note += "; the speed gate (thresholds.int8_min_speedup) was not checked"
+        if refusal:
+            raise GateError(refusal + (f"\n{report.speed_explanation}" if report.speed_explanation else "")
+                            + "\n" + SPEED_GATE_ADVICE, report=report)
         out_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy(chosen.onnx_path, out_dir / f"{spec.name}-int8.onnx")
     finally:

@@ -60,6 +60,7 @@ def quantize_cache_key(cfg: EdgeqConfig, fp32: ArtifactRef, calibration_version:
     return content_key(
         "quantize", fp32=fp32.sha256, calibration=calibration_version,
         quantization=q.model_dump(mode="json", exclude={"calibration"}), max_drop=cfg.thresholds.int8_max_drop,
+        min_speedup=cfg.thresholds.int8_min_speedup,
         metric=cfg.model.metric, targets=[t.model_dump(mode="json") for t in cfg.targets],
         validation=split_fingerprint(cfg.data.validation),
         train=split_fingerprint(cfg.data.train) if q.mode != "ptq" else None,
@@ -136,7 +137,7 @@ def quantize_task(cfg: EdgeqConfig, fp32: ArtifactRef, calibration_version: str,
     try:
         result = quantize_to_store(cfg, fp32, calibration_version, opset, log=progress)
     except GateError as exc:
-        progress.finish("no attempt met the SLA")
+        progress.finish(str(exc).split(":", 1)[0])
         if exc.report is not None:
             publish_quantization(exc.report, failed=str(exc))
         raise

@@ -20,6 +20,7 @@ from edgeq.quantization.escalate import (
     qat,
     retime_ties,
     side_by_side,
+    speed_gate,
     speed_verdict,
 )
 from edgeq.quantization.policy import ArchitectureScan, PolicyDecision
@@ -63,6 +64,21 @@ def test_speed_verdict_on_the_deployment_target():
     assert faster is False and note.startswith("INT8 is 2.00x SLOWER") and "NOT faster" in note
     assert speed_verdict(_attempt(0, 0.9, True), "cpu") == (
         None, "latency on deployment target cpu could not be measured here")
+
+
+def test_the_speed_gate_refuses_below_its_minimum_and_says_by_how_much():
+    slow = _attempt(0, 0.9, True, 4.0)  # INT8 4 ms vs FP32 2 ms
+    slow.latency[0].round_ratios = [0.45, 0.5, 0.55]
+    why = speed_gate(slow, "cpu", 1.0)
+    assert why == ("speed gate: the INT8 model runs at 0.50x FP32's speed on the deployment target cpu (4.000 ms vs "
+                   "2.000 ms at batch 1; FP32/INT8 0.45-0.55x over 3 alternating rounds), below "
+                   "thresholds.int8_min_speedup 1: an INT8 model that does not pay on its target does not ship")
+    fast = _attempt(0, 0.9, True, 1.0)  # 2.00x
+    assert speed_gate(fast, "cpu", 1.0) is None and speed_gate(fast, "cpu", 2.0) is None
+    assert "runs at 2.00x" in speed_gate(fast, "cpu", 2.5)
+    assert speed_gate(slow, "cpu", 0) is None  # 0: the gate is off
+    assert speed_gate(_attempt(0, 0.9, True), "cpu", 1.0) is None  # not timed here: the verdict says so
+    assert speed_gate(slow, "other-target", 1.0) is None
 
 
 def test_the_verdict_reads_the_side_by_side_rounds():
@@ -160,3 +176,21 @@ def test_attempts_within_a_tenth_of_the_sla_are_ties_and_the_faster_one_ships():
     assert choose_attempt(near, "cpu").index == 1  # no band: the more accurate
     far = [_attempt(0, 0.995, True, 0.5), _attempt(1, 0.9998, True, 0.8)]
     assert choose_attempt(far, "cpu", max_drop=0.01).index == 1
+
+
+@pytest.mark.parametrize("isa, reduce_range", [
+    (["avx2", "fma"], True),  # x86 without VNNI: U8S8 saturates, weights in 7 bits
+    (["avx512f", "avx512_vnni"], False),
+    (["avx2", "avx_vnni"], False),
+])
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_a_target_declaring_its_cpu_gets_the_int8_scheme_of_that_cpu(backend, isa, reduce_range):
+    """The model ships to another CPU than this machine's: the target's `cpu_isa` decides reduce_range, and the
+    reason recorded with the types says so."""
+    from edgeq.core.specs import TargetSpec
+    from edgeq.quantization.escalate import first_ptq_settings
+
+    settings, reason = first_ptq_settings(QuantizationSpec(), TargetSpec(name="edge", backend=backend, cpu_isa=isa))
+    assert settings.types == "u8s8" and settings.reduce_range is reduce_range, reason
+    assert f"the target's declared CPU (cpu_isa {', '.join(isa)})" in reason
+    assert ("without VNNI" in reason) is reduce_range

@@ -52,6 +52,8 @@ def _one_torch_thread():
 
 
 def _config(folder, data: dict):
+    # the speed gate off: these models' INT8 speed depends on the CPU; the gate has its own tests
+    data.setdefault("thresholds", {}).setdefault("int8_min_speedup", 0)
     (folder / "config.yaml").write_text(yaml.safe_dump(data))
     return load_config(folder / "config.yaml")
 

@@ -13,6 +13,7 @@ import torch
 from edgeq.core.errors import GateError, SpecError
 from edgeq.core.specs import Thresholds
 from edgeq.quantization.qat import ENGINE, QATResult, check_export_parity, qat_finetune
+from tests.conftest import SMALL_WEIGHTS
 
 INPUT, OUTPUT = "input", "logits"
 
@@ -27,7 +28,7 @@ def _fp32(root: Path) -> torch.nn.Module:
     from edgeq.demo import digits_net
 
     model = digits_net(width=16, num_classes=10)
-    model.load_state_dict(load_state_dict(root / "digits_cnn.safetensors"))
+    model.load_state_dict(load_state_dict(root / SMALL_WEIGHTS))
     return model.eval()
 
 

@@ -16,5 +16,5 @@ class _EinsumHead(DigitsNet):
         return torch.einsum("bc,nc->bn", x, self.head.weight) + self.head.bias
 
 
-def einsum_digits(width: int = 16, num_classes: int = 10) -> nn.Module:
-    return _EinsumHead(width=width, num_classes=num_classes)
+def einsum_digits(width: int = 16, num_classes: int = 10, hidden: int = 0) -> nn.Module:
+    return _EinsumHead(width=width, num_classes=num_classes, hidden=hidden)

@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from edgeq.benchmarks.localpool import REPO, Postgres, PrefectServer, postgres_bin
+from tests.conftest import SMALL_WEIGHTS
 from tests.reliability.rel_helpers import copy_store, fast_config, seed, snapshot, verify_store
 
 pytestmark = pytest.mark.timeout(900)  # the first test also waits for the rig and the batch
@@ -54,7 +55,7 @@ def seeded_weights(demo_root: Path, folder: Path, seed_: int) -> Path:
     import safetensors.torch
     import torch
 
-    weights = safetensors.torch.load_file(str(demo_root / "digits_cnn.safetensors"))
+    weights = safetensors.torch.load_file(str(demo_root / SMALL_WEIGHTS))
     gen = torch.Generator().manual_seed(seed_)
     noisy = {k: (v + 1e-3 * v.std() * torch.randn(v.shape, generator=gen)).contiguous()
              if v.is_floating_point() and v.numel() > 1 else v for k, v in weights.items()}
