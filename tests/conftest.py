@@ -38,8 +38,13 @@ DEMO_YAML = REPO / "digits-demo.yaml"
 @pytest.fixture(scope="session")
 def prefect_server():
     """A real Prefect API (temporary SQLite server), started once per test session."""
+    from prefect.logging.configuration import ensure_logging_setup
     from prefect.testing.utilities import prefect_test_harness
 
+    # Prefect's console handler keeps the stream it was created with: created inside a CliRunner invocation, it
+    # writes to that invocation's stream after it closed, and the next invocation's flow fails with a RecursionError
+    # in logging (seen when tests/test_convert_flow.py runs alone). Created here, it holds pytest's stream.
+    ensure_logging_setup()
     with prefect_test_harness(server_startup_timeout=120):
         yield
 
