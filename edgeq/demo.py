@@ -188,7 +188,7 @@ def ensure_demo(root: str | Path = ".edgeq/demo") -> Path:
 
 
 def train_digits_demo(config: EdgeqConfig, epochs: int = DEMO_EPOCHS, seed: int = 0):
-    """Train the demo's DigitsNet from scratch on the config's training split (a few seconds on 2 cores)."""
+    """Train the demo's DigitsNet from scratch on the config's training split (seconds on 2 cores)."""
     if config.data.train is None:
         raise SpecError("the demo trainer needs data.train in the config (the training split)")
     x, y = load_split(config.data.train, config.data.preprocess)
