@@ -21,6 +21,7 @@ from typing import Any
 
 from edgeq import PIPELINE_VERSION, __version__
 from edgeq.backends import get_backend
+from edgeq.backends.runner import default_threads
 from edgeq.core.errors import GateError
 from edgeq.core.platform import cpu_isa
 from edgeq.core.specs import EdgeqConfig
@@ -36,6 +37,27 @@ def toolchain_versions() -> dict[str, str]:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
+    return out
+
+
+def measured_on(cfg: EdgeqConfig) -> dict[str, dict[str, Any]]:
+    """Where each target's latencies in this manifest were measured: its runtime, execution provider (ONNX
+    Runtime), threads and CPU ISA. Targets timed on this machine get this CPU's ISA flags; a `command` target runs
+    on the machine its command reaches, and one that declares `cpu_isa` ships to that CPU (its INT8 scheme says
+    so), which is not where it was timed."""
+    out: dict[str, dict[str, Any]] = {}
+    for t in cfg.targets:
+        backend = get_backend(t.backend)
+        if not backend.measures_latency or not backend.availability(t.device)[0]:
+            continue
+        row: dict[str, Any] = {"backend": t.backend, "version": backend.cache_fingerprint(t), "device": t.device,
+                               "threads": t.threads or default_threads()}
+        if t.backend == "onnxruntime":
+            row["provider"] = t.provider or "cpu"
+        row["cpu_isa"] = ("the machine the command runs on" if t.backend == "command" else cpu_isa()["isa"])
+        if t.cpu_isa is not None:
+            row["declared_cpu_isa"] = t.cpu_isa
+        out[t.name] = row
     return out
 
 
@@ -72,7 +94,7 @@ def publish_bundle(cfg: EdgeqConfig, int8_onnx: Path, lineage: dict[str, Any], m
         bundle_id = bundle_identity(cfg, sha256_file(int8_onnx), forms, lineage)
         manifest = {"bundle_id": bundle_id, "model": {"name": cfg.model.name}, "files": files, "target_forms": forms,
                     "targets_without_compiled_form": skipped, **lineage, **measurements,
-                    "toolchain": toolchain_versions(), "cpu": cpu_isa(),
+                    "toolchain": toolchain_versions(), "cpu": cpu_isa(), "measured_on": measured_on(cfg),
                     "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         existing = read_manifest(store, bundle_id)
         if existing is not None:

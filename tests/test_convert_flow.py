@@ -45,6 +45,11 @@ def test_demo_command_converts_and_publishes_then_reruns_from_cache(prefect_serv
     assert len(bundles) == 1
     manifest = json.loads((bundles[0] / "manifest.json").read_text())
     assert manifest["calibration"]["reviewer"] == "edgeq-demo"
+    ran_on = manifest["measured_on"]  # where each target's latencies ran: provider, threads, CPU ISA
+    assert ran_on["ort-cpu"]["provider"] == "cpu" and ran_on["ort-cpu"]["version"].startswith("onnxruntime ")
+    assert ran_on["ort-cpu"]["cpu_isa"] == manifest["cpu"]["isa"] and ran_on["ort-cpu"]["threads"] >= 1
+    assert ran_on["openvino-cpu"]["backend"] == "openvino" and "provider" not in ran_on["openvino-cpu"]
+    assert "hailo8-declared" not in ran_on  # a declared target is never timed
     from edgeq.calibration.versions import load_version
     from edgeq.core.store import ArtifactStore
 
