@@ -45,16 +45,17 @@ def measured_on(cfg: EdgeqConfig) -> dict[str, dict[str, Any]]:
     Runtime), threads and CPU ISA. Targets timed on this machine get this CPU's ISA flags; a `command` target runs
     on the machine its command reaches, and one that declares `cpu_isa` ships to that CPU (its INT8 scheme says
     so), which is not where it was timed."""
+    here = cpu_isa()["isa"]
     out: dict[str, dict[str, Any]] = {}
     for t in cfg.targets:
         backend = get_backend(t.backend)
         if not backend.measures_latency or not backend.availability(t.device)[0]:
             continue
-        row: dict[str, Any] = {"backend": t.backend, "version": backend.cache_fingerprint(t), "device": t.device,
+        row: dict[str, Any] = {"backend": t.backend, "version": backend.version(), "device": t.device,
                                "threads": t.threads or default_threads()}
         if t.backend == "onnxruntime":
             row["provider"] = t.provider or "cpu"
-        row["cpu_isa"] = ("the machine the command runs on" if t.backend == "command" else cpu_isa()["isa"])
+        row["cpu_isa"] = "the machine the command runs on" if t.backend == "command" else here
         if t.cpu_isa is not None:
             row["declared_cpu_isa"] = t.cpu_isa
         out[t.name] = row

@@ -83,6 +83,10 @@ class Attempt(BaseModel):
         """Meets the SLA and every required target takes it (a failure on one is in `error`)."""
         return self.meets_sla and not self.error
 
+    def latency_on(self, target: str) -> Latency | None:
+        """This attempt's latency row for `target` (None: not timed there)."""
+        return next((lat for lat in self.latency if lat.target == target), None)
+
 
 class QuantizationReport(BaseModel):
     model: str
@@ -434,9 +438,9 @@ def retime_ties(attempts: list[Attempt], target: TargetSpec, feeds: dict[str, np
             return
         times = interleaved_benchmark(runners, feeds, rounds, iters)
     for a, t in zip(attempts, times):
-        for lat in a.latency:
-            if lat.target == target.name and lat.int8_ms:
-                lat.int8_ms = float(np.median(t))
+        lat = a.latency_on(target.name)
+        if lat and lat.int8_ms:
+            lat.int8_ms = float(np.median(t))
 
 
 def choose_attempt(attempts: list[Attempt], deploy_target: str, max_drop: float = 0.0) -> Attempt | None:
@@ -448,15 +452,15 @@ def choose_attempt(attempts: list[Attempt], deploy_target: str, max_drop: float 
         return None
 
     def deploy_ms(a: Attempt) -> float:
-        lat = next((lat for lat in a.latency if lat.target == deploy_target and lat.int8_ms), None)
-        return lat.int8_ms if lat else float("inf")
+        lat = a.latency_on(deploy_target)
+        return lat.int8_ms if lat and lat.int8_ms else float("inf")
 
     return min(near, key=lambda a: (deploy_ms(a), -round(a.metric, 6), a.index))
 
 
 def speed_verdict(chosen: Attempt, deploy_target: str) -> tuple[bool | None, str]:
     """Whether the chosen attempt is faster than FP32 on the deployment target, and the sentence that says so."""
-    lat = next((lat for lat in chosen.latency if lat.target == deploy_target), None)
+    lat = chosen.latency_on(deploy_target)
     if lat is None or lat.speedup is None:
         return None, f"latency on deployment target {deploy_target} could not be measured here"
     ratio, word = (lat.speedup, "faster") if lat.speedup > 1 else (1 / lat.speedup, "SLOWER")
@@ -482,7 +486,7 @@ def speed_gate(chosen: Attempt, deploy_target: str, minimum: float) -> str | Non
     """Why the chosen INT8 model may not ship for speed: its side-by-side speed-up over FP32 on the deployment
     target is below `minimum` (`thresholds.int8_min_speedup`). None when it passes, when the gate is off (0) and
     when the deployment target could not be timed here (the verdict says so)."""
-    lat = next((lat for lat in chosen.latency if lat.target == deploy_target), None)
+    lat = chosen.latency_on(deploy_target)
     if minimum <= 0 or lat is None or lat.speedup is None or lat.speedup >= minimum:
         return None
     spread = (f"; FP32/INT8 {min(lat.round_ratios):.2f}-{max(lat.round_ratios):.2f}x over "
