@@ -74,6 +74,12 @@ def bundle_identity(cfg: EdgeqConfig, int8_sha256: str, forms: dict[str, list[st
 def publish_bundle(cfg: EdgeqConfig, int8_onnx: Path, lineage: dict[str, Any], measurements: dict[str, Any],
                    gates_passed: bool) -> dict[str, Any]:
     """Write the bundle; returns the manifest. Refuses unless every gate passed."""
+    return place_bundle(cfg, int8_onnx, lineage, measurements, gates_passed)[0]
+
+
+def place_bundle(cfg: EdgeqConfig, int8_onnx: Path, lineage: dict[str, Any], measurements: dict[str, Any],
+                 gates_passed: bool) -> tuple[dict[str, Any], bool]:
+    """`publish_bundle`, and whether this call placed the bundle (False: the same bundle was already there)."""
     if not gates_passed:
         raise GateError("do not ship: a gate failed, nothing was published")
     store = ArtifactStore(cfg.store_url)
@@ -99,17 +105,18 @@ def publish_bundle(cfg: EdgeqConfig, int8_onnx: Path, lineage: dict[str, Any], m
                     "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         existing = read_manifest(store, bundle_id)
         if existing is not None:
-            return existing  # identical inputs: the same bundle, never a second manifest interleaved
+            return existing, False  # identical inputs: the same bundle, never a second manifest interleaved
         (stage / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        _place(store, stage, bundle_id)
-    return read_manifest(store, bundle_id) or manifest
+        placed = _place(store, stage, bundle_id)
+    return read_manifest(store, bundle_id) or manifest, placed
 
 
 def _bundle_dir(store: ArtifactStore, bundle_id: str) -> str:
     return f"{store._base}/bundles/{bundle_id}"
 
 
-def _place(store: ArtifactStore, stage: Path, bundle_id: str) -> None:
+def _place(store: ArtifactStore, stage: Path, bundle_id: str) -> bool:
+    """Whether this call placed the bundle (False: a concurrent publisher placed the same one first)."""
     final = _bundle_dir(store, bundle_id)
     if store.is_local:
         Path(final).parent.mkdir(parents=True, exist_ok=True)
@@ -121,11 +128,13 @@ def _place(store: ArtifactStore, stage: Path, bundle_id: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
             if not Path(final, "manifest.json").is_file():
                 raise
-        return
+            return False
+        return True
     for p in sorted(stage.rglob("*")):
         if p.is_file() and p.name != "manifest.json":
             store.fs.put_file(str(p), f"{final}/{p.relative_to(stage)}")
     store.fs.put_file(str(stage / "manifest.json"), f"{final}/manifest.json")  # last: marks the bundle complete
+    return True
 
 
 def read_manifest(store: ArtifactStore, bundle_id: str) -> dict[str, Any] | None:

@@ -87,11 +87,56 @@ def test_demo_command_converts_and_publishes_then_reruns_from_cache(prefect_serv
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
             return {r.name: r.state.name for r in runs}
 
-    states = asyncio.run(task_states())
     stages = {"export", "compile-check-ort-cpu", "compile-check-openvino-cpu", "compile-check-hailo8-declared",
               "quantize", "validate-four-way"}
-    cached = {stage for stage in stages for name, st in states.items() if name.startswith(stage) and st == "Cached"}
+    deadline = time.time() + 30
+    while True:  # task runs reach the API as events, recorded by the server shortly after the flow returns
+        states = asyncio.run(task_states())
+        cached = {stage for stage in stages for name, st in states.items() if name.startswith(stage) and st == "Cached"}
+        if cached == stages or time.time() > deadline:
+            break
+        time.sleep(1)
     assert cached == stages, states
+
+    # A cache hit re-creates nothing: no UI artifact is made again (the keyed ones keep their latest version), and
+    # the bundle already in place is not announced a second time (automations would deploy it twice).
+    async def run_artifacts_and_logs(run_id):
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        async with get_client() as client:
+            arts = await client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+            logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+            return [a.key for a in arts], [log.message for log in logs]
+
+    arts, logs = asyncio.run(run_artifacts_and_logs(state.state_details.flow_run_id))
+    assert arts == [], arts
+    assert any(f"bundle {manifest['bundle_id']} was already published" in m for m in logs), logs
+
+    # The calibration flow again: its candidate is a cache hit, and the version reads as the store says now
+    # (approved by the demo), not as the cached build left it (candidate).
+    from edgeq.flows.calibration import CalibrationParams, build_calibration_set
+
+    cal = build_calibration_set(CalibrationParams(config=str(convert_config), wait_for_review=False),
+                                return_state=True)
+    assert cal.result().version == manifest["calibration"]["version"] and cal.result().status == "approved"
+    assert "nothing to review" in cal.result().message
+    deadline = time.time() + 30
+    while True:
+        cal_states = asyncio.run(_task_states(cal.state_details.flow_run_id))
+        cached = {n.split("-")[1] for n, st in cal_states.items() if st == "Cached"}
+        if cached >= {"ingest", "candidate"} or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert cached >= {"ingest", "candidate"}, cal_states
+
+
+async def _task_states(run_id) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async with get_client() as client:
+        runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+        return {r.name: r.state.name for r in runs}
 
 
 def test_quantize_cli_prints_the_attempts(prefect_server, convert_config):

@@ -13,8 +13,10 @@ from pydantic import BaseModel, Field
 
 from edgeq.calibration.versions import CalibrationVersion, Review, load_version, record_decision, set_review
 from edgeq.calibration.versions import now as utc_now
+from edgeq.core.errors import VersionNotFound
 from edgeq.core.store import ArtifactStore
 from edgeq.tasks.calibration import (
+    Candidate,
     augmentation_task,
     candidate_task,
     capture_spec,
@@ -71,6 +73,21 @@ def _step(store: ArtifactStore, step, *args):
     return state
 
 
+def _candidate_step(store: ArtifactStore, cfg, state, selection) -> Candidate:
+    """The candidate, its version as the record in the store says now (a cached candidate was built by an earlier
+    run and may since have been approved or rejected); built again when its record or an artifact has gone."""
+    step = on_store(candidate_task, store.root)
+    candidate = step(cfg, state, selection)
+    try:
+        v = load_version(store, candidate.version.version)
+    except VersionNotFound:
+        v = None
+    if v is None or not all(store.exists(ref) for ref in v.artifacts.values()):
+        candidate = step.with_options(refresh_cache=True)(cfg, state, selection)
+        v = load_version(store, candidate.version.version)
+    return candidate.model_copy(update={"version": v})
+
+
 def emit_calibration_approved(v: CalibrationVersion, config: str) -> None:
     """Prefect event `edgeq.calibration.approved`; the `convert-model` deployment's trigger converts on it."""
     from prefect.events import emit_event
@@ -113,7 +130,7 @@ def build_calibration_set(params: CalibrationParams = CalibrationParams()) -> Ca
     state = _step(store, augmentation_task, cfg, state)
     selection = on_store(sample_task, cfg.store_url)(cfg, state, params.target_size, params.min_size,
                                                      params.override_reason)
-    candidate = on_store(candidate_task, cfg.store_url)(cfg, state, selection)
+    candidate = _candidate_step(store, cfg, state, selection)
     v = candidate.version
     if v.status != "candidate":
         return _result(v, report_already_decided(v))

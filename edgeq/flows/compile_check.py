@@ -14,7 +14,7 @@ from edgeq.tasks.compile_check import (
     gate_required_targets,
     publish_matrix,
 )
-from edgeq.tasks.caching import on_store
+from edgeq.tasks.caching import all_cached, on_store
 from edgeq.tasks.config import load_prepared
 
 
@@ -26,7 +26,8 @@ class CompileCheckParams(BaseModel):
 
 def run_compile_check_stage(cfg, export_result=None, bench: BenchSettings = BenchSettings(),
                             gate: bool = True) -> CompileMatrix:
-    """The pipeline's compile-check stage (inside a flow): one mapped task per target, matrix artifact, gate.
+    """The pipeline's compile-check stage (inside a flow): one mapped task per target, matrix artifact (unless every
+    target's check was a cache hit), gate.
 
     Raises CompileCheckFailed (an EdgeqError carrying the matrix as `.report`) when a required target fails, so the
     conversion pipeline stops before quantization.
@@ -36,7 +37,8 @@ def run_compile_check_stage(cfg, export_result=None, bench: BenchSettings = Benc
                                      store_url=unmapped(cfg.store_url), bench=unmapped(bench))
     matrix = CompileMatrix(model=cfg.model.name, onnx_sha256=result.onnx.sha256,
                            reports=[f.result() for f in futures])
-    publish_matrix(matrix)
+    if not all_cached(futures):
+        publish_matrix(matrix)
     if gate:
         gate_required_targets(matrix)
     return matrix
@@ -54,7 +56,8 @@ def run_int8_compile_check_stage(cfg, int8: ArtifactRef, bench: BenchSettings = 
                         bench=unmapped(bench))
     matrix = CompileMatrix(model=cfg.model.name, onnx_sha256=int8.sha256, graph="INT8",
                            reports=[f.result() for f in futures])
-    publish_matrix(matrix)
+    if not all_cached(futures):
+        publish_matrix(matrix)
     gate_required_targets(matrix)
     return matrix
 

@@ -18,7 +18,7 @@ from edgeq.core.store import ArtifactStore, sha256_file
 from edgeq.flows.compile_check import run_compile_check_stage, run_int8_compile_check_stage
 from edgeq.flows.export import run_export_stage
 from edgeq.flows.quantize import run_quantize_stage
-from edgeq.tasks.caching import on_store
+from edgeq.tasks.caching import call_cached, on_store
 from edgeq.tasks.config import load_prepared, prepare
 from edgeq.tasks.publish import publish_task
 from edgeq.tasks.validate import ValidateResult, publish_validation, validate_task
@@ -85,10 +85,14 @@ def convert_model(params: ConvertParams = ConvertParams()) -> dict[str, Any]:
     quantized = run_quantize_stage(cfg, exported, cfg.quantization.calibration)
     run_int8_compile_check_stage(cfg, quantized.int8)  # what ships must run on every required target
     version = quantized.report.calibration_version
-    validated: ValidateResult = on_store(validate_task, cfg.store_url)(cfg, exported.onnx, quantized.int8, version,
-                                                                       exported.report.opset)
-    publish_validation(validated.report, ArtifactStore(cfg.store_url).read_bytes(validated.chart))
-    calibration = load_version(ArtifactStore(cfg.store_url), version)
+    store = ArtifactStore(cfg.store_url)
+    validated: ValidateResult
+    validated, cached = call_cached(on_store(validate_task, cfg.store_url), cfg, exported.onnx, quantized.int8,
+                                    version, exported.report.opset,
+                                    gone=lambda r: not (store.exists(r.chart) and store.exists(r.report_json)))
+    if not cached:
+        publish_validation(validated.report, store.read_bytes(validated.chart))
+    calibration = load_version(store, version)
     measurements = {
         "four_way": validated.report.model_dump(mode="json"),
         "four_way_report": validated.report_json.uri,

@@ -6,7 +6,7 @@ from prefect import flow
 from pydantic import BaseModel, Field
 
 from edgeq.core.store import ArtifactStore
-from edgeq.tasks.caching import on_store
+from edgeq.tasks.caching import call_cached, on_store
 from edgeq.tasks.config import load_prepared
 from edgeq.tasks.export import ExportResult, export_task, publish_export_report
 
@@ -16,12 +16,12 @@ class ExportParams(BaseModel):
 
 
 def run_export_stage(cfg) -> ExportResult:
-    """The export task (re-run when its cached artifact has gone from the store); publishes its report."""
-    export = on_store(export_task, cfg.store_url)
-    result = export(cfg)
-    if not ArtifactStore(cfg.store_url).exists(result.onnx):
-        result = export.with_options(refresh_cache=True)(cfg)
-    publish_export_report(result.report)
+    """The export task (re-run when its cached artifact has gone from the store); publishes its report unless it was
+    a cache hit."""
+    store = ArtifactStore(cfg.store_url)
+    result, cached = call_cached(on_store(export_task, cfg.store_url), cfg, gone=lambda r: not store.exists(r.onnx))
+    if not cached:
+        publish_export_report(result.report)
     return result
 
 

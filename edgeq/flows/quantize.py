@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 from edgeq.core.store import ArtifactStore
 from edgeq.flows.compile_check import run_compile_check_stage
 from edgeq.flows.export import run_export_stage
-from edgeq.tasks.caching import on_store
+from edgeq.tasks.caching import call_cached, on_store
 from edgeq.tasks.config import load_prepared
 from edgeq.tasks.quantize import QuantizeResult, approved_version_id, publish_quantization, quantize_task
 
@@ -22,11 +22,11 @@ class QuantizeParams(BaseModel):
 def run_quantize_stage(cfg, export_result, calibration: str | None = None) -> QuantizeResult:
     # Resolve "latest" to an id before keying the cache, and refuse a non-approved version before any work.
     version = approved_version_id(cfg, calibration)
-    quantize = on_store(quantize_task, cfg.store_url)
-    result = quantize(cfg, export_result.onnx, version, export_result.report.opset)
-    if not ArtifactStore(cfg.store_url).exists(result.int8):
-        result = quantize.with_options(refresh_cache=True)(cfg, export_result.onnx, version, export_result.report.opset)
-    publish_quantization(result.report)
+    store = ArtifactStore(cfg.store_url)
+    result, cached = call_cached(on_store(quantize_task, cfg.store_url), cfg, export_result.onnx, version,
+                                 export_result.report.opset, gone=lambda r: not store.exists(r.int8))
+    if not cached:
+        publish_quantization(result.report)
     return result
 
 

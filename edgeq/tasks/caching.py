@@ -94,3 +94,23 @@ def _saved_remote_storage(url: str, api_url: str) -> str:
 def on_store(task: T, store_url: str) -> T:
     """`task` with its results and cache records kept in the store at `store_url` (see `result_storage`)."""
     return task.with_options(result_storage=result_storage(store_url))
+
+
+def call_cached(task: Any, *args: Any, gone: Any = None) -> tuple[Any, bool]:
+    """Run a cached task inside a flow: (its result, whether it was a cache hit).
+
+    `gone(result)` says when a cached result points at artifacts no longer in the store; the task then runs again
+    (refresh_cache). A cache hit re-creates nothing, so its caller skips what a fresh result would publish again
+    (the UI artifacts of an unchanged stage keep their latest version under the same key).
+    """
+    state = task(*args, return_state=True)
+    result = state.result()
+    if gone is not None and gone(result):
+        state = task.with_options(refresh_cache=True)(*args, return_state=True)
+        result = state.result()
+    return result, state.name == "Cached"
+
+
+def all_cached(futures: list[Any]) -> bool:
+    """Whether every one of a mapped task's runs (resolved futures) was a cache hit."""
+    return all(f.state.name == "Cached" for f in futures)

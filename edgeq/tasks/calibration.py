@@ -509,13 +509,21 @@ def augmentation_task(cfg: EdgeqConfig, state: PoolState) -> PoolState:
     return reject_augmented_in_store(cfg, ArtifactStore(cfg.store_url), state)
 
 
-@task(name="calibration-stratified-sample", **_TASK)
+@task(name="calibration-stratified-sample",
+      cache_key_fn=lambda ctx, p: _key("calibration-sample", p["cfg"], p["state"], target_size=p["target_size"],
+                                       min_size=p["min_size"], override_reason=p["override_reason"]),
+      **_TASK)
 def sample_task(cfg: EdgeqConfig, state: PoolState, target_size: int | None, min_size: int | None,
                 override_reason: str | None) -> Selection:
     return select_sample(cfg, ArtifactStore(cfg.store_url), state, target_size, min_size, override_reason)
 
 
-@task(name="calibration-candidate-version", **_TASK)
+# The candidate's coverage report and notes also read the training split and data.train_manifest (`_split_key`).
+# A cache hit returns the version as it was built: the flow reloads its record, whose review status may have moved.
+@task(name="calibration-candidate-version",
+      cache_key_fn=lambda ctx, p: _key("calibration-candidate", p["cfg"], p["state"], splits=_split_key(p["cfg"]),
+                                       selection=p["selection"].model_dump(mode="json"), model=p["cfg"].model.name),
+      **_TASK)
 def candidate_task(cfg: EdgeqConfig, state: PoolState, selection: Selection) -> Candidate:
     candidate = build_candidate(cfg, ArtifactStore(cfg.store_url), state, selection)
     publish_report(candidate)
