@@ -52,21 +52,9 @@ RESERVE_S = 60  # kept from a time budget for the machine check after the runs a
 # ---------------------------------------------------------------- the model, its data, its configs
 def _dataset(root: Path, out: Path) -> Path:
     """The demo's validation, test and capture pool upscaled to 3x64x64 uint8 (the capture metadata as is)."""
-    import numpy as np
+    from edgeq.benchmarks.quantization import upscaled_dataset
 
-    from edgeq.benchmarks.quantization import upscale
-
-    def u8(x):
-        return np.clip(np.rint(upscale(x, SIZE) * 255.0), 0, 255).astype(np.uint8)
-
-    out.mkdir(parents=True, exist_ok=True)
-    for split in ("validation", "test"):
-        z = np.load(root / f"{split}.npz")
-        np.savez(out / f"{split}.npz", x=u8(z["x"]), y=z["y"])
-    (out / "captures").mkdir(exist_ok=True)
-    np.savez(out / "captures" / "pool.npz", x=u8(np.load(root / "pool.npz")["x"]))  # rows in metadata order
-    shutil.copy(root / "captures" / "metadata.csv", out / "captures" / "metadata.csv")
-    return out
+    return upscaled_dataset(root, out, SIZE)
 
 
 def _weights(data: Path, folder: Path, seed: int) -> Path:

@@ -23,7 +23,9 @@ _METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"
 # transformer's accuracy under PTQ.
 TRANSFORMER_OP_TYPES = ["MatMul", "Gemm"]
 TRANSFORMER_FP32_OP_TYPES = ["LayerNormalization", "Softmax", "Gelu", "FastGelu", "BiasGelu", "Erf"]
-Profile = Literal["default", "transformer"]
+# fp32-depthwise: every depthwise convolution stays FP32 (a speed remedy: ONNX Runtime's x86 INT8 depthwise kernels can
+# lose to its float ones, and a mobile net's depthwise layers then cost more in INT8 than they save)
+Profile = Literal["default", "transformer", "fp32-depthwise"]
 
 
 def as_batch(x: Mapping[str, np.ndarray] | np.ndarray, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
@@ -92,6 +94,8 @@ class PTQSettings(BaseModel):
 
     def label(self) -> str:
         extra = f", fp32: {', '.join(self.keep_fp32_nodes)}" if self.keep_fp32_nodes else ""
+        if self.profile == "fp32-depthwise":
+            extra = f", depthwise convs FP32{extra}"
         if self.engine == "nncf":
             if self.profile == "transformer":
                 return f"nncf PTQ transformer (model_type TRANSFORMER, SmoothQuant){extra}"
@@ -185,6 +189,20 @@ def attention_nodes(model_path: Path | onnx.ModelProto) -> list[str]:
     return found
 
 
+def depthwise_convs(model: onnx.ModelProto) -> list[str]:
+    """Conv nodes whose every input channel has a filter of its own (group == input channels > 1), by their weight:
+    one input channel per group (shape [C_out, 1, kh, kw])."""
+    weights = {i.name: i for i in model.graph.initializer}
+    out = []
+    for n in model.graph.node:
+        if n.op_type != "Conv" or len(n.input) < 2 or n.input[1] not in weights:
+            continue
+        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        if group > 1 and len(weights[n.input[1]].dims) >= 2 and weights[n.input[1]].dims[1] == 1:
+            out.append(n.name)
+    return out
+
+
 def embedding_gathers(model: onnx.ModelProto) -> list[str]:
     """Gathers that look a table up by index (data is a 2-D weight): an embedding, kept FP32 by the transformer
     profile."""
@@ -202,6 +220,8 @@ def quantize_onnxruntime(src: Path, dst: Path, data: CalibrationReader, s: PTQSe
     excluded = set(s.keep_fp32_nodes) | {n.name for n in model.graph.node if n.op_type in s.fp32_op_types}
     if s.profile == "transformer":
         excluded |= set(embedding_gathers(model))
+    elif s.profile == "fp32-depthwise":
+        excluded |= set(depthwise_convs(model))
     data.rewind()  # quantize_static reads from where get_next() stands; an earlier attempt left it at the end
     with muted_output():  # the calibrators print progress
         quantize_static(
@@ -222,7 +242,8 @@ def quantize_nncf(src: Path, dst: Path, data: CalibrationReader, s: PTQSettings,
 
     model = onnx.load(str(src))
     ignored = None
-    names = list(s.keep_fp32_nodes) + (embedding_gathers(model) if s.profile == "transformer" else [])
+    names = list(s.keep_fp32_nodes) + (embedding_gathers(model) if s.profile == "transformer" else
+                                        depthwise_convs(model) if s.profile == "fp32-depthwise" else [])
     if names or s.fp32_op_types:
         ignored = nncf.IgnoredScope(names=names, types=s.fp32_op_types, validate=False)
     with muted_output(stderr=True):

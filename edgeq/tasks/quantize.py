@@ -150,7 +150,7 @@ def most_attempts(cfg: EdgeqConfig) -> int:
     """At most how many attempts the escalation ladder makes (it stops after the first rung that meets the SLA)."""
     q = cfg.quantization
     # the base settings, the other calibration methods, the other engine, up to max_sensitive_fp32 layers in FP32
-    ptq = 1 + (len(get_args(PTQMethod)) - 1) + 1 + q.max_sensitive_fp32
+    ptq = 1 + (len(get_args(PTQMethod)) - 1) + 1 + q.max_sensitive_fp32 + 1  # ... and the speed remedy
     if any(not i.is_float for i in cfg.model.inputs) or cfg.model.metric == "cosine":
         ptq += 2  # likely an attention model: the transformer PTQ rung (ONNX Runtime, NNCF)
     if q.mode == "qat" or q.sla == "fixed":

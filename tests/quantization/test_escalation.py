@@ -8,7 +8,7 @@ from edgeq.core.data import load_split
 from edgeq.core.errors import GateError
 from edgeq.core.modeling import build_model
 from edgeq.core.store import ArtifactStore
-from edgeq.quantization.escalate import run_quantization
+from edgeq.quantization.escalate import REMEDY_MIN_GAIN, run_quantization
 from edgeq.tasks.config import load_prepared
 from edgeq.tasks.export import export_to_store
 from tests.conftest import write_config
@@ -32,6 +32,18 @@ def _setup(tmp_path, demo_root, **quant):
     val = load_split(cfg.data.validation, cfg.data.preprocess)
     train = load_split(cfg.data.train, cfg.data.preprocess)
     return cfg, fp32, calib, val, train, exported.report.opset
+
+
+def _ptq_setup(tmp_path, demo_root, targets, latency_iters):
+    """The demo CNN (small head) exported, PTQ only, no layer kept FP32: config, FP32 path, calibration, validation,
+    opset."""
+    path = write_config(tmp_path, demo_root, targets=targets,
+                        quantization={"mode": "ptq", "latency_iters": latency_iters, "max_sensitive_fp32": 0})
+    cfg = load_prepared(path)
+    exported = export_to_store(cfg)
+    fp32 = ArtifactStore(cfg.store_url).local_path(exported.onnx)
+    calib = CalibrationReader({"image": load_split(cfg.data.train, cfg.data.preprocess)[0][:128]})
+    return cfg, fp32, calib, load_split(cfg.data.validation, cfg.data.preprocess), exported.report.opset
 
 
 def test_sensitive_layer_kept_in_fp32_rescues_the_sla(tmp_path, demo_root):
@@ -75,18 +87,49 @@ def test_an_attempt_a_required_target_cannot_run_is_not_eligible(tmp_path, demo_
 
     board = {"name": "board", "backend": "command", "batch": "dynamic", "required": True,
              "command": [sys.executable, str(Path(__file__).parents[1] / "noisy_device.py"), "--refuse-int8"]}
-    path = write_config(tmp_path, demo_root, targets=[{"name": "ort-cpu", "backend": "onnxruntime"}, board],
-                        quantization={"mode": "ptq", "latency_iters": 10, "max_sensitive_fp32": 0})
-    cfg = load_prepared(path)
-    exported = export_to_store(cfg)
-    fp32 = ArtifactStore(cfg.store_url).local_path(exported.onnx)
-    calib = CalibrationReader({"image": load_split(cfg.data.train, cfg.data.preprocess)[0][:128]})
-    val = load_split(cfg.data.validation, cfg.data.preprocess)
+    cfg, fp32, calib, val, opset = _ptq_setup(tmp_path, demo_root, [{"name": "ort-cpu", "backend": "onnxruntime"},
+                                                                     board], latency_iters=10)
     with pytest.raises(GateError, match=r"no INT8 attempt can ship: required target 'board' cannot take the INT8 "
                                         r"models \(failed to run it: .*no INT8 kernels") as err:
-        run_quantization(cfg, fp32, build_model(cfg.model), calib, "v-test", val, None, tmp_path / "out",
-                         exported.report.opset)
+        run_quantization(cfg, fp32, build_model(cfg.model), calib, "v-test", val, None, tmp_path / "out", opset)
     rep = err.value.report
     assert len(rep.attempts) == 4 and all("board" in a.failed_targets and a.error for a in rep.attempts)
     assert any(a.meets_sla for a in rep.attempts)  # accurate enough, and still not shipped
     assert rep.chosen is None and not (tmp_path / "out").exists()
+
+
+def _float_convs(path) -> int:
+    """Conv nodes whose weight is a float initializer (not the output of a DequantizeLinear): convs left in FP32."""
+    import onnx
+
+    model = onnx.load(str(path))
+    inits = {i.name for i in model.graph.initializer}
+    return sum(n.op_type == "Conv" and n.input[1] in inits for n in model.graph.node)
+
+
+def test_int8_slower_than_fp32_tries_depthwise_convs_in_fp32_and_ships_the_faster(tmp_path, demo_root):
+    """The demo CNN without its wide head: its INT8 model is slower than FP32 on ONNX Runtime (tests/conftest.py).
+    The ladder then tries the speed remedy its depthwise convolutions allow, times it against FP32 side by side as
+    the verdict is, and ships it only if it runs faster by more than the noise; the report keeps both."""
+    cfg, fp32, calib, val, opset = _ptq_setup(tmp_path, demo_root, [{"name": "ort-cpu", "backend": "onnxruntime"}],
+                                              latency_iters=20)
+    rep = run_quantization(cfg, fp32, build_model(cfg.model), calib, "v-test", val, None, tmp_path / "out", opset)
+    first = rep.attempts[0]
+    assert first.latency_on("ort-cpu").speedup < 1.0, rep.attempts_table()  # INT8 did not pay
+    (remedy,) = [a for a in rep.attempts if a.settings.get("profile") == "fp32-depthwise"]
+    assert "depthwise convs FP32" in remedy.label and remedy.notes[-1] == (
+        "speed remedy for attempt 0, which did not pay on ort-cpu")
+    speed = {a.index: a.latency_on("ort-cpu").speedup for a in (first, remedy)}
+    # both timed against FP32 side by side, in the verdict's alternating rounds
+    assert all(len(a.latency_on("ort-cpu").round_ratios) == cfg.quantization.speed_rounds for a in (first, remedy))
+    remedied = speed[remedy.index] > speed[first.index] * REMEDY_MIN_GAIN  # a gain beyond the noise ships it
+    assert rep.chosen == (remedy.index if remedied else first.index), (speed, rep.speed_note)
+    assert "speed remedy" in rep.speed_note
+    import onnx
+
+    from edgeq.quantization.ptq import depthwise_convs
+
+    depthwise = depthwise_convs(onnx.load(str(fp32)))
+    assert len(depthwise) == 2  # DigitsNet's two depthwise-separable blocks
+    shipped = tmp_path / "out" / "digits-cnn-int8.onnx"
+    assert _float_convs(shipped) == (len(depthwise) if rep.chosen == remedy.index else 0)
