@@ -40,6 +40,7 @@ from torch import nn
 
 from edgeq.core.quiet import quiet_environment
 
+
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
@@ -118,6 +119,7 @@ def upscale(x: np.ndarray, size: int) -> np.ndarray:
 
 def upscaled_dataset(root: Path, out: Path, size: int, splits=("validation", "test")) -> Path:
     """The demo's splits and capture pool upscaled to 3 x size x size uint8 (the capture metadata as is)."""
+
     def u8(x):
         return np.clip(np.rint(upscale(x, size) * 255.0), 0, 255).astype(np.uint8)
 
@@ -173,7 +175,8 @@ def config(name: str, factory: str, weights: Path, data: Path, size: int, store:
                               "metadata": str(data / "captures" / "metadata.csv"),
                               "strata": ["lighting", "camera", "time_of_day"], "target_size": 128, "min_size": 64}},
         "thresholds": {"int8_max_drop": max_drop, "int8_min_speedup": 0},
-        "quantization": {"mode": "auto", "latency_iters": max(10, iters), "speed_rounds": rounds, "deploy_target": "ort-cpu"},
+        "quantization": {"mode": "auto", "latency_iters": max(10, iters), "speed_rounds": rounds,
+                         "deploy_target": "ort-cpu"},
     }
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}-{size}.yaml"
@@ -219,11 +222,11 @@ def side_by_side(models: dict[str, Path], backend_name: str, feeds: dict[str, np
                  iters: int) -> dict[str, list[float]]:
     """Per-round median ms of every model on one runtime, timed in rotating order (FP32 pinned to f32)."""
     from edgeq.backends import get_backend, interleaved_benchmark
+    from edgeq.backends.openvino import OpenVinoRunner
     from edgeq.core.specs import TargetSpec
 
     target = TargetSpec(name=backend_name, backend=backend_name, precision="fp32")
     backend = get_backend(backend_name)
-    from edgeq.backends.openvino import OpenVinoRunner
 
     def runner(path: Path):  # an OpenVINO IR (the peer's) runs as it is; an ONNX model as edgeq's target prepares it
         return OpenVinoRunner(path, target) if path.suffix == ".xml" else backend.runner(path, target)

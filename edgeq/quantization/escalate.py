@@ -555,17 +555,18 @@ def try_speed_remedy(ctx: Escalation, report: QuantizationReport, chosen: Attemp
     q = ctx.q
     verdict = side_by_side(ctx.fp32_onnx, Path(remedy.onnx_path), ctx.deploy, feeds, q.speed_rounds, q.latency_iters)
     remedy.latency = [verdict if lat.target == ctx.deploy.name else lat for lat in remedy.latency]
-    before = chosen.latency_on(ctx.deploy.name)
-    if verdict.speedup is None or (before.speedup is not None and verdict.speedup <= before.speedup * REMEDY_MIN_GAIN):
-        report.speed_note += (f"\nspeed remedy tried: attempt {remedy.index} ({remedy.label}) ran at "
-                              + (f"{verdict.speedup:.2f}x" if verdict.speedup else "an unmeasured speed")
-                              + f" FP32's speed, not {REMEDY_MIN_GAIN - 1:.0%} faster than attempt {chosen.index} "
-                                f"({before.speedup:.2f}x): attempt {chosen.index} stays")
+    before = chosen.latency_on(ctx.deploy.name).speedup  # measured: the verdict found that INT8 does not pay
+    after = verdict.speedup
+    if after is None or after <= before * REMEDY_MIN_GAIN:
+        ran = f"{after:.2f}x FP32's speed" if after else "an unmeasured speed"
+        report.speed_note += (f"\nspeed remedy tried: attempt {remedy.index} ({remedy.label}) ran at {ran}, not "
+                              f"{REMEDY_MIN_GAIN - 1:.0%} faster than attempt {chosen.index} ({before:.2f}x): "
+                              f"attempt {chosen.index} stays")
         return chosen
     report.chosen = remedy.index
     report.faster_than_fp32, report.speed_note = speed_verdict(remedy, ctx.deploy.name)
     report.speed_note += (f"\nspeed remedy: attempt {remedy.index} ({remedy.label}) ships instead of attempt "
-                          f"{chosen.index}, which ran at {before.speedup:.2f}x FP32's speed")
+                          f"{chosen.index}, which ran at {before:.2f}x FP32's speed")
     return remedy
 
 

@@ -149,13 +149,19 @@ class Rig:
         with self.client() as c:
             return sum(s.type.value == "RUNNING" for s in c.read_flow_run_states(run_id))
 
-    def bundle_of(self, run_id: UUID) -> str:
-        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+    def bundle_of(self, run_id: UUID, timeout: float = 30) -> str:
+        """The bundle a conversion ended with, from its flow run's log line "published <id> at <uri>" (a re-run that
+        finds its bundle in place logs it too, without a second "published-bundle" artifact or event)."""
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-        with self.client() as c:
-            arts = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["published-bundle"])),
-                                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
-        found = {m for a in arts for m in re.findall(r"bundle-[0-9a-f]{20}", str(a.data))}
+        deadline = time.monotonic() + timeout
+        while True:  # logs reach the API shortly after the run's state
+            with self.client() as c:
+                logs = c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+            found = {m for log in logs for m in re.findall(r"published (bundle-[0-9a-f]{20}) at", log.message)}
+            if found or time.monotonic() > deadline:
+                break
+            time.sleep(1)
         assert len(found) == 1, f"flow run {run_id}: published {found or 'nothing'}"
         return found.pop()
 
