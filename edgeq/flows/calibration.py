@@ -25,7 +25,7 @@ from edgeq.tasks.calibration import (
     leakage_task,
     sample_task,
 )
-from edgeq.tasks.caching import on_store
+from edgeq.tasks.caching import call_cached, on_store
 from edgeq.tasks.config import load_prepared
 
 
@@ -66,26 +66,23 @@ def _result(v: CalibrationVersion, message: str) -> CalibrationResult:
 
 def _step(store: ArtifactStore, step, *args):
     """A cached step, re-run when its cached output has gone from the store."""
-    step = on_store(step, store.root)
-    state = step(*args)
-    if not all(store.exists(ref) for ref in state.refs()):
-        state = step.with_options(refresh_cache=True)(*args)
+    state, _ = call_cached(on_store(step, store.root), *args,
+                           gone=lambda out: not all(store.exists(ref) for ref in out.refs()))
     return state
 
 
 def _candidate_step(store: ArtifactStore, cfg, state, selection) -> Candidate:
     """The candidate, its version as the record in the store says now (a cached candidate was built by an earlier
     run and may since have been approved or rejected); built again when its record or an artifact has gone."""
-    step = on_store(candidate_task, store.root)
-    candidate = step(cfg, state, selection)
-    try:
-        v = load_version(store, candidate.version.version)
-    except VersionNotFound:
-        v = None
-    if v is None or not all(store.exists(ref) for ref in v.artifacts.values()):
-        candidate = step.with_options(refresh_cache=True)(cfg, state, selection)
-        v = load_version(store, candidate.version.version)
-    return candidate.model_copy(update={"version": v})
+    def gone(candidate: Candidate) -> bool:
+        try:
+            v = load_version(store, candidate.version.version)
+        except VersionNotFound:
+            return True
+        return not all(store.exists(ref) for ref in v.artifacts.values())
+
+    candidate, _ = call_cached(on_store(candidate_task, store.root), cfg, state, selection, gone=gone)
+    return candidate.model_copy(update={"version": load_version(store, candidate.version.version)})
 
 
 def emit_calibration_approved(v: CalibrationVersion, config: str) -> None:
