@@ -85,7 +85,7 @@ def test_demo_command_converts_and_publishes_then_reruns_from_cache(prefect_serv
         async with get_client() as client:
             runs = await client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-            return {r.name: r.state.name for r in runs}
+            return {r.name: r.state.name if r.state else None for r in runs}  # a run not yet given its state: polled again
 
     stages = {"export", "compile-check-ort-cpu", "compile-check-openvino-cpu", "compile-check-hailo8-declared",
               "quantize", "validate-four-way"}
@@ -142,7 +142,7 @@ async def _task_states(run_id) -> dict[str, str]:
 
     async with get_client() as client:
         runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
-        return {r.name: r.state.name for r in runs}
+        return {r.name: r.state.name if r.state else None for r in runs}  # a run not yet given its state: polled again
 
 
 def test_quantize_cli_prints_the_attempts(prefect_server, convert_config):
