@@ -20,6 +20,7 @@ demo: install
 lint: install
 	$(BIN)/lint-imports --no-cache
 
-# Two pytest-xdist workers (fewer where fewer CPUs: tests/conftest.py), each on its own CPUs, module by module.
+# Two pytest-xdist workers (fewer where fewer CPUs: tests/conftest.py), each on its own CPUs, module by module,
+# the longest modules first (in the order tests/conftest.py collects them: --no-loadscope-reorder).
 test: lint
-	$(BIN)/python -m pytest -q --durations=15 -n auto --dist loadfile
+	$(BIN)/python -m pytest -q --durations=15 -n auto --dist loadfile --no-loadscope-reorder

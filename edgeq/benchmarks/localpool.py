@@ -109,8 +109,8 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL, grace: float = 0) -> None:
-    """Signal a process started in its own session, its group, and every process group below it."""
+def signal_tree(proc: subprocess.Popen, sig: int) -> None:
+    """Signal a process started in its own session, its group, and every process group below it (no wait)."""
     if proc.poll() is not None:
         return
     below = descendants(proc.pid)
@@ -125,10 +125,27 @@ def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL, grace: float = 
             os.killpg(pgid, sig)
         except (ProcessLookupError, PermissionError):
             pass
-    try:
-        proc.wait(timeout=grace or 30)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc, signal.SIGKILL)
+
+
+def kill_trees(procs: Iterable[subprocess.Popen], sig: int = signal.SIGKILL, grace: float = 0) -> None:
+    """`signal_tree` every process at once, wait up to `grace` seconds (30 when 0) for all of them together, then
+    SIGKILL the trees of those still running. Stopping them side by side: one after the other, a 20 s grace each,
+    two workers took 41 s to stop."""
+    procs = [p for p in procs if p.poll() is None]
+    for p in procs:
+        signal_tree(p, sig)
+    deadline = time.monotonic() + (grace or 30)
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            signal_tree(p, signal.SIGKILL)
+            p.wait(timeout=30)
+
+
+def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL, grace: float = 0) -> None:
+    """Signal a process started in its own session and everything below it; wait for it (SIGKILL after `grace`)."""
+    kill_trees([proc], sig, grace)
 
 
 def _clean_env() -> dict[str, str]:
@@ -360,8 +377,9 @@ class PrefectServer:
             kill_tree(proc, sig, grace=20)
 
     def close(self) -> None:
-        for name in [n for n in self.procs if n != "server"] + ["server"]:  # workers report to the server: first
-            self.stop_process(name)
+        """Stop every worker (side by side), then the server they report to."""
+        kill_trees([p for n, p in self.procs.items() if n != "server"], signal.SIGTERM, grace=20)
+        self.stop_process("server")
 
     def __enter__(self) -> "PrefectServer":
         return self.start()
