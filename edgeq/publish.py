@@ -62,13 +62,17 @@ def measured_on(cfg: EdgeqConfig) -> dict[str, dict[str, Any]]:
     return out
 
 
-def bundle_identity(cfg: EdgeqConfig, int8_sha256: str, forms: dict[str, list[str]], lineage: dict[str, Any]) -> str:
-    """Bundle id from what went in (the INT8 model, the targets' forms, lineage, toolchain), not from measured
-    timings nor from compiled-form bytes: OpenVINO names constants from a process-wide counter, so its IR
-    of the same model differs byte-wise between processes."""
+def bundle_identity(cfg: EdgeqConfig, int8_sha256: str, forms: dict[str, list[str]], lineage: dict[str, Any],
+                    target_models: dict[str, str] | None = None) -> str:
+    """Bundle id from what went in (the INT8 model, each target's own INT8 model where it has one, the targets'
+    forms, lineage, toolchain), not from measured timings nor from compiled-form bytes: OpenVINO names constants
+    from a process-wide counter, so its IR of the same model differs byte-wise between processes."""
     targets = [t.model_dump(mode="json", exclude={"required"}) for t in cfg.targets]
-    return "bundle-" + sha256_json({"int8": int8_sha256, "forms": forms, "targets": targets, "lineage": lineage,
-                                    "toolchain": toolchain_versions()})[:20]
+    identity = {"int8": int8_sha256, "forms": forms, "targets": targets, "lineage": lineage,
+                "toolchain": toolchain_versions()}
+    if target_models:
+        identity["target_models"] = target_models
+    return "bundle-" + sha256_json(identity)[:20]
 
 
 def publish_bundle(cfg: EdgeqConfig, int8_onnx: Path, lineage: dict[str, Any], measurements: dict[str, Any],
@@ -78,31 +82,47 @@ def publish_bundle(cfg: EdgeqConfig, int8_onnx: Path, lineage: dict[str, Any], m
 
 
 def place_bundle(cfg: EdgeqConfig, int8_onnx: Path, lineage: dict[str, Any], measurements: dict[str, Any],
-                 gates_passed: bool) -> tuple[dict[str, Any], bool]:
-    """`publish_bundle`, and whether this call placed the bundle (False: the same bundle was already there)."""
+                 gates_passed: bool, target_models: dict[str, Path] | None = None,
+                 form_records: dict[str, dict[str, Any]] | None = None) -> tuple[dict[str, Any], bool]:
+    """`publish_bundle`, and whether this call placed the bundle (False: the same bundle was already there).
+
+    `target_models`: targets that get their own INT8 model instead of `int8_onnx` (quantization.target_forms); each
+    is shipped as `<model>-int8.<target>.onnx` and its compiled form is prepared from it. `form_records` (per such
+    target: attempt, reason, its four-way validation) go into the manifest's `target_models`."""
     if not gates_passed:
         raise GateError("do not ship: a gate failed, nothing was published")
+    target_models = target_models or {}
     store = ArtifactStore(cfg.store_url)
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp) / "bundle"
         stage.mkdir()
-        shutil.copy(int8_onnx, stage / f"{cfg.model.name}-int8.onnx")
+        shared = f"{cfg.model.name}-int8.onnx"
+        shutil.copy(int8_onnx, stage / shared)
         forms: dict[str, list[str]] = {}
         skipped: dict[str, str] = {}
+        models: dict[str, dict[str, Any]] = {}
         for t in cfg.targets:
+            source, onnx_name = int8_onnx, shared
+            if t.name in target_models:
+                source, onnx_name = Path(target_models[t.name]), f"{cfg.model.name}-int8.{t.name}.onnx"
+                shutil.copy(source, stage / onnx_name)
+            models[t.name] = {"onnx": onnx_name, **(form_records or {}).get(t.name, {"shared": True})}
             backend = get_backend(t.backend)
             ok, why = backend.availability(t.device)
             if not ok or not backend.ships_compiled_form:
                 skipped[t.name] = why or backend.no_compiled_form_reason(t)
                 continue
-            prepared = backend.prepare(int8_onnx, t, stage / t.name)
+            prepared = backend.prepare(source, t, stage / t.name)
             forms[t.name] = sorted(str(Path(p).relative_to(stage)) for p in prepared.files.values())
         files = {str(p.relative_to(stage)): sha256_file(p) for p in sorted(stage.rglob("*")) if p.is_file()}
-        bundle_id = bundle_identity(cfg, sha256_file(int8_onnx), forms, lineage)
+        bundle_id = bundle_identity(cfg, sha256_file(int8_onnx), forms, lineage,
+                                    {t: files[m["onnx"]] for t, m in models.items() if t in target_models})
         manifest = {"bundle_id": bundle_id, "model": {"name": cfg.model.name}, "files": files, "target_forms": forms,
                     "targets_without_compiled_form": skipped, **lineage, **measurements,
                     "toolchain": toolchain_versions(), "cpu": cpu_isa(), "measured_on": measured_on(cfg),
                     "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        if target_models:  # which INT8 model each target gets; absent when every target gets the shared one
+            manifest["target_models"] = models
         existing = read_manifest(store, bundle_id)
         if existing is not None:
             return existing, False  # identical inputs: the same bundle, never a second manifest interleaved

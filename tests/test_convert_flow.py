@@ -136,6 +136,55 @@ def test_demo_command_converts_and_publishes_then_reruns_from_cache(prefect_serv
     assert cached >= {"ingest", "candidate"}, cal_states
 
 
+def test_a_target_pinned_to_nncf_gets_its_own_model_validated_on_it_and_published_beside_the_shared_one(
+        prefect_server, convert_config, tmp_path):
+    """quantization.target_engines {openvino-cpu: nncf}: the deployment target (ort-cpu) ships the ladder's choice,
+    OpenVINO gets the same settings quantized by NNCF, validated four-way with OpenVINO as the device stage, and the
+    bundle carries both ONNX models, the IR prepared from NNCF's, and says in its manifest which target got which.
+    Runs on the demo test's store and its approved calibration version (that test builds and approves it)."""
+    data = yaml.safe_load(convert_config.read_text())
+    data["quantization"]["target_engines"] = {"openvino-cpu": "nncf"}
+    path = tmp_path / "pinned.yaml"
+    path.write_text(yaml.safe_dump(data))
+    res = CliRunner().invoke(app, ["convert", str(path)])
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.split())
+    assert "INT8 model per target: openvino-cpu: attempt " in out and "(nncf PTQ" in out and "pinned to nncf" in out
+    bundle_id = out.split("published ", 1)[1].split()[0]
+    bundle = Path(data["store"]) / "bundles" / bundle_id
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    models = manifest["target_models"]
+    assert models["ort-cpu"] == {"onnx": "digits-cnn-int8.onnx", "shared": True}
+    ov = models["openvino-cpu"]
+    assert ov["onnx"] == "digits-cnn-int8.openvino-cpu.onnx" and ov["label"].startswith("nncf PTQ")
+    assert ov["reason"] == "pinned to nncf (quantization.target_engines)"
+    assert manifest["quantization_attempts"][ov["attempt"]]["attempt"] == ov["label"]
+    assert manifest["quantization"]["chosen"].startswith("ort PTQ")  # the deployment target's model: the ladder's
+    files = manifest["files"]
+    assert files[ov["onnx"]] == ov["int8_onnx_sha256"] != files["digits-cnn-int8.onnx"]
+    # Validated on its own: its ONNX INT8 row is NNCF's model, its device stage OpenVINO, every gate passed.
+    assert ov["device_stage"] == "openvino-cpu" and ov["passed"]
+    assert {g["gate"] for g in ov["four_way"]["gates"]} == {"export parity", "INT8 accuracy SLA", "device agreement"}
+    # The IR in the bundle was made from NNCF's model: OpenVINO running it agrees with that ONNX model on ONNX
+    # Runtime more closely than with the shared model (two quantizers differ by more than two runtimes do).
+    import numpy as np
+    import openvino as ov_rt
+
+    from edgeq.core.data import load_inputs
+    from edgeq.export import run_onnx
+    from edgeq.tasks.config import load_prepared
+
+    cfg = load_prepared(path)
+    x = load_inputs(cfg.data.test, cfg.model.inputs, cfg.data.preprocess)[0]["image"][:64]
+    (xml,) = [f for f in manifest["target_forms"]["openvino-cpu"] if f.endswith(".xml")]
+    compiled = ov_rt.Core().compile_model(str(bundle / xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    device = np.concatenate([compiled(x[i:i + 1])[0] for i in range(len(x))])
+    own = run_onnx(bundle / ov["onnx"], {"image": x}, outputs=["logits"])["logits"]
+    shared = run_onnx(bundle / "digits-cnn-int8.onnx", {"image": x}, outputs=["logits"])["logits"]
+    assert np.abs(device - own).max() < np.abs(device - shared).max(), (np.abs(device - own).max(),
+                                                                         np.abs(device - shared).max())
+
+
 async def _task_states(run_id) -> dict[str, str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId

@@ -33,6 +33,11 @@ def _edit(path: Path, fn) -> Path:
         (lambda d: d["thresholds"].update(parity_samples=5), "thresholds.parity_samples"),
         (lambda d: d.pop("targets"), "targets: Field required"),
         (lambda d: d["data"]["test"].update(kind="image_folder"), "needs 'labels'"),
+        (lambda d: d.update(quantization={"target_engines": {"openvino-gpu": "nncf"}}),
+         "quantization.target_engines names ['openvino-gpu'], which are not targets"),
+        (lambda d: d.update(quantization={"target_engines": {"ort-cpu": "nncf"}}),
+         "pins the deployment target 'ort-cpu'"),
+        (lambda d: d.update(quantization={"target_forms": "per-target"}), "quantization.target_forms"),
     ],
 )
 def test_bad_yaml_names_the_field(tmp_path, demo_root, edit, expected):

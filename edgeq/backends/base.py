@@ -164,6 +164,9 @@ class Backend(ABC):
     measures_latency: ClassVar[bool] = True  # its runner can be timed here (quantization attempts, matrix rows)
     ships_compiled_form: ClassVar[bool] = True  # the bundle carries its prepared form (IR, engine)
     default_device_stage: ClassVar[bool] = False  # picked as four-way validation's device INT8 stage by default
+    # The PTQ engine whose models this runtime is built to run fast (quantization.target_forms: fastest tries it for
+    # a target of this backend when the ladder did not): NNCF for OpenVINO. None: no engine of its own.
+    native_ptq_engine: ClassVar[str | None] = None
 
     # -- what it is --------------------------------------------------------
     @abstractmethod

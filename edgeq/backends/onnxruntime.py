@@ -253,6 +253,7 @@ class OnnxRuntimeRunner(Runner):
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     ships_compiled_form = False  # the bundle's INT8 ONNX model is what it runs
+    native_ptq_engine = "onnxruntime"
 
     def availability(self, device: str = "cpu") -> tuple[bool, str]:
         try:

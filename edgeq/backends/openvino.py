@@ -185,6 +185,7 @@ class OpenVinoRunner(Runner):
 class OpenVinoBackend(Backend):
     name = "openvino"
     default_device_stage = True
+    native_ptq_engine = "nncf"
 
     def availability(self, device: str = "cpu") -> tuple[bool, str]:
         try:

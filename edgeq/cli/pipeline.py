@@ -66,6 +66,10 @@ def convert(
     manifest = run_flow(convert_model, ConvertParams(config=str(config), calibration=calibration, mode=mode))
     print_four_way(manifest)
     console.print(speed_text(manifest["speed"]), highlight=False, soft_wrap=True)
+    if manifest.get("target_forms_note"):
+        console.print("\n".join(["INT8 model per target:"] + [f"  {line}" for line in
+                                                                manifest["target_forms_note"].split("\n")]),
+                      highlight=False, soft_wrap=True)
     console.print(f"[green]published[/] {manifest['bundle_id']} at {manifest['uri']}", soft_wrap=True)
 
 
@@ -110,3 +114,8 @@ def quantize(
                   f"{rep.fp32_metric:.4f}")
     console.print(speed_text(rep.speed_note), highlight=False, soft_wrap=True)
     console.print(f"INT8 model: {result.int8.uri}")
+    for name, ref in result.forms.items():
+        console.print(f"INT8 model for {name}: {ref.uri} ({rep.target_forms[name].reason})", soft_wrap=True)
+    if rep.forms_note:
+        console.print("\n".join(["INT8 model per target:"] + [f"  {line}" for line in rep.forms_note.split("\n")]),
+                      highlight=False, soft_wrap=True)

@@ -312,6 +312,15 @@ class QuantizationSpec(Spec):
     latency_iters: int = Field(100, ge=10, description="timed batch-1 runs per attempt and runtime")
     speed_rounds: int = Field(5, ge=1, description="the speed verdict times FP32 and the chosen INT8 model side by "
                                                    "side on the deployment target in this many alternating rounds")
+    target_forms: Literal["shared", "fastest"] = Field(
+        "shared", description="shared: every target gets the deployment target's INT8 model. fastest: every other "
+                              "target timed here may get another attempt that meets the SLA (its runtime's own "
+                              "quantizer is tried: NNCF for OpenVINO) when it runs more than 5 % faster there, side "
+                              "by side; each such form is validated four-way on that target and published for it")
+    target_engines: dict[str, PTQEngine] = Field(
+        default_factory=dict, description="target name -> PTQ engine whose model that target gets (the chosen "
+                                          "attempt's settings made by this engine; it must meet the SLA), e.g. "
+                                          "{openvino-cpu: nncf}; validated four-way on that target")
 
 
 class ValidationSpec(Spec):
@@ -355,6 +364,14 @@ class EdgeqConfig(Spec):
         names = [t.name for t in self.targets]
         if len(set(names)) != len(names):
             raise ValueError(f"target names must be unique, got {names}")
+        pinned = self.quantization.target_engines
+        unknown = sorted(set(pinned) - set(names))
+        if unknown:
+            raise ValueError(f"quantization.target_engines names {unknown}, which are not targets ({', '.join(names)})")
+        deploy = self.quantization.deploy_target or names[0]
+        if deploy in pinned:
+            raise ValueError(f"quantization.target_engines pins the deployment target {deploy!r}: its model is the "
+                             "one the ladder chooses; set quantization.engine to start the ladder with that engine")
         return self
 
     @property

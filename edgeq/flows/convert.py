@@ -21,8 +21,8 @@ from edgeq.flows.quantize import run_quantize_stage
 from edgeq.tasks.caching import call_cached, on_store
 from edgeq.tasks.config import load_prepared, prepare
 from edgeq.tasks.publish import publish_task
-from edgeq.tasks.validate import ValidateResult, publish_validation, validate_task
-from edgeq.validation import check_device_stage
+from edgeq.tasks.validate import ValidateResult, publish_form_validation, publish_validation, validate_task
+from edgeq.validation import check_device_stage, not_independent
 
 
 class ConvertParams(BaseModel):
@@ -68,6 +68,38 @@ def lineage(cfg: EdgeqConfig, exported, quantized, calibration) -> dict[str, Any
     }
 
 
+def form_validation_config(cfg: EdgeqConfig, target: str) -> EdgeqConfig:
+    """The config that validates `target`'s own INT8 model: that target as the device stage, unless it runs the
+    reference runtime (ONNX Runtime on this CPU: it would check nothing), where the config's device stage stays."""
+    t = next(t for t in cfg.targets if t.name == target)
+    if not_independent(t):
+        return cfg
+    return cfg.model_copy(update={"validation": cfg.validation.model_copy(update={"device_target": target})})
+
+
+def validate_target_forms(cfg: EdgeqConfig, exported, quantized, version: str,
+                          store: ArtifactStore) -> dict[str, dict[str, Any]]:
+    """Four-way validation of every target's own INT8 model (quantization.target_forms), each against its own ONNX
+    INT8 with that target as the device stage; a form that fails a gate stops the run ("do not ship"), as the shared
+    model's validation does. Returns per target its record for the manifest."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, ref in quantized.forms.items():
+        form = quantized.report.target_forms[name]
+        cfg_t = form_validation_config(cfg, name)
+        task_ = on_store(validate_task, cfg.store_url).with_options(task_run_name=f"validate-four-way[{name}]")
+        validated, cached = call_cached(task_, cfg_t, exported.onnx, ref, version, exported.report.opset,
+                                        gone=lambda r: not (store.exists(r.chart) and store.exists(r.report_json)))
+        if not cached:
+            publish_form_validation(name, validated.report)
+        attempt = quantized.report.attempts[form.attempt]
+        out[name] = {"attempt": attempt.index, "label": attempt.label, "reason": form.reason,
+                     "int8_onnx_sha256": ref.sha256, "device_stage": validated.report.device_target,
+                     "passed": validated.report.passed,
+                     "four_way": validated.report.model_dump(mode="json"),
+                     "four_way_report": validated.report_json.uri}
+    return out
+
+
 @flow(name="convert-model", log_prints=True)
 def convert_model(params: ConvertParams = ConvertParams()) -> dict[str, Any]:
     """The whole conversion: returns the published bundle's manifest (with `uri`).
@@ -92,6 +124,7 @@ def convert_model(params: ConvertParams = ConvertParams()) -> dict[str, Any]:
                                     gone=lambda r: not (store.exists(r.chart) and store.exists(r.report_json)))
     if not cached:
         publish_validation(validated.report, store.read_bytes(validated.chart))
+    forms = validate_target_forms(cfg, exported, quantized, version, store)
     calibration = load_version(store, version)
     measurements = {
         "four_way": validated.report.model_dump(mode="json"),
@@ -101,7 +134,10 @@ def convert_model(params: ConvertParams = ConvertParams()) -> dict[str, Any]:
         # why INT8 is not faster on the deployment target (empty when it is): integer kernels per op type
         "int8_kernels": [r.model_dump(mode="json") for r in quantized.report.int8_kernels],
     }
+    if quantized.report.forms_note:
+        measurements["target_forms_note"] = quantized.report.forms_note
     manifest = publish_task(cfg, quantized.int8, lineage(cfg, exported, quantized, calibration), measurements,
-                            validated.report.passed)
+                            validated.report.passed and all(f["passed"] for f in forms.values()),
+                            forms={name: quantized.forms[name] for name in forms}, form_records=forms)
     logger.info("published %s at %s", manifest["bundle_id"], manifest["uri"])
     return manifest

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from edgeq.backends import benchmark, get_backend, interleaved_benchmark, paired_benchmark
+from edgeq.backends import benchmark, get_backend, interleaved_benchmark, known_backends, paired_benchmark
 from edgeq.backends.base import KernelRow
 from edgeq.calibration.readers import CalibrationReader
 from edgeq.core.data import batch_size
@@ -89,6 +89,16 @@ class Attempt(BaseModel):
         return next((lat for lat in self.latency if lat.target == target), None)
 
 
+class TargetForm(BaseModel):
+    """A target that gets another INT8 model than the deployment target's (`quantization.target_forms` /
+    `target_engines`): which attempt, why, and the file the stage wrote it to."""
+
+    target: str
+    attempt: int
+    reason: str
+    file: str = ""  # the form's file name in the stage's output folder
+
+
 class QuantizationReport(BaseModel):
     model: str
     metric_name: str
@@ -111,6 +121,10 @@ class QuantizationReport(BaseModel):
     speed_note: str = ""  # the verdict; when INT8 is not faster, followed by `speed_explanation`
     speed_explanation: str = ""  # why not faster: integer kernels against float ops (explain.explanation_lines)
     int8_kernels: list[KernelRow] = Field(default_factory=list)  # per op type on the deployment target (explain.py)
+    # Targets that get another attempt than `chosen` (quantization.target_forms / target_engines), and one line per
+    # target considered saying what it gets and why (also for those that keep the shared model).
+    target_forms: dict[str, TargetForm] = Field(default_factory=dict)
+    forms_note: str = ""
 
     @property
     def chosen_attempt(self) -> Attempt | None:
@@ -570,6 +584,140 @@ def try_speed_remedy(ctx: Escalation, report: QuantizationReport, chosen: Attemp
     return remedy
 
 
+# ---------------------------------------------------------------- an INT8 form per target
+def same_settings_by(ctx: Escalation, report: QuantizationReport, chosen: Attempt, engine: str,
+                     why: str) -> Attempt | None:
+    """The attempt with the chosen PTQ attempt's settings made by `engine`: the chosen one itself, one the ladder
+    already made, or a new one made now (noted with `why`). None when the chosen attempt is not PTQ (a QAT model has
+    no settings another engine could redo)."""
+    settings = ptq_settings_of(ctx, chosen)
+    if settings is None:
+        return None
+    want = settings.model_copy(update={"engine": engine})
+    if want == settings:
+        return chosen
+    for a in ctx.attempts:
+        if ptq_settings_of(ctx, a) == want:
+            return a
+    ctx.log(f"trying attempt {chosen.index}'s settings with {engine} {why}")
+    made = try_ptq(ctx, want)
+    made.notes.append(f"made {why}")
+    report.attempts = list(ctx.attempts)
+    return made
+
+
+def fastest_form(candidates: list[Attempt], ms: dict[int, float], shared: Attempt,
+                 min_gain: float = REMEDY_MIN_GAIN) -> Attempt:
+    """The attempt a target gets, from side-by-side medians `ms` (attempt index -> ms on that target): the fastest,
+    where attempts within `min_gain` of it are ties (run-to-run noise on a shared machine). A tie keeps the `shared`
+    model when it is one of them (one model fewer to ship and validate), else goes to the most accurate."""
+    timed = [a for a in candidates if a.index in ms]
+    if not timed:
+        return shared
+    best = min(ms[a.index] for a in timed)
+    near = [a for a in timed if ms[a.index] <= best * min_gain]
+    if shared in near:
+        return shared
+    return max(near, key=lambda a: (round(a.metric or 0.0, 6), -ms[a.index]))
+
+
+def time_on(attempts: list[Attempt], target: TargetSpec, feeds: dict[str, np.ndarray], rounds: int,
+            iters: int) -> tuple[dict[int, float], dict[int, str]]:
+    """Side-by-side medians of `attempts` on `target` (every one loaded, rounds in rotating order), and why each one
+    the runtime could not load or run failed there: such an attempt is out for that target, the others go on."""
+    backend = get_backend(target.backend)
+    failed: dict[int, str] = {}
+    with ExitStack() as stack:
+        runners, loaded = [], []
+        for a in attempts:
+            try:
+                runner = stack.enter_context(backend.runner(Path(a.onnx_path), target))
+                runner.infer(feeds)
+            except Exception as exc:  # noqa: BLE001 - a runtime that refuses one attempt is that attempt's row
+                failed[a.index] = f"{type(exc).__name__}: {exc}"[:300]
+                continue
+            runners.append(runner)
+            loaded.append(a)
+        times = interleaved_benchmark(runners, feeds, rounds, iters) if runners else []
+    ms = {a.index: float(np.median(t)) for a, t in zip(loaded, times)}
+    for a in loaded:
+        lat = a.latency_on(target.name)
+        if lat is not None:
+            lat.int8_ms, lat.round_ratios = ms[a.index], []
+    return ms, failed
+
+
+def choose_target_forms(ctx: Escalation, report: QuantizationReport, chosen: Attempt,
+                        feeds: dict[str, np.ndarray]) -> None:
+    """Per target other than the deployment target, which INT8 model it gets (`quantization.target_forms`,
+    `quantization.target_engines`), into `report.target_forms` (only targets that get another model than `chosen`)
+    and one line each in `report.forms_note`.
+
+    A target pinned to an engine gets the chosen attempt's settings made by that engine; that attempt must meet the
+    SLA on every required target, or the run stops (GateError): the config asked for it. With `fastest`, a target
+    timed here gets the fastest eligible attempt there, side by side (`time_on`, `fastest_form`); its runtime's own
+    engine (`native_ptq_engine`) is tried first when the ladder did not make that attempt. A runtime that cannot run
+    an attempt leaves it out for that target, with the error in the note.
+    """
+    q = ctx.q
+    if q.target_forms == "shared" and not q.target_engines:
+        return
+    lines = []
+    for t in ctx.cfg.targets:
+        if t.name == ctx.deploy.name:
+            continue
+        backend = get_backend(t.backend) if t.backend in known_backends() else None
+        pinned = q.target_engines.get(t.name)
+        if pinned:
+            a = same_settings_by(ctx, report, chosen, pinned, f"for {t.name} (quantization.target_engines)")
+            if a is None:
+                raise GateError(f"quantization.target_engines pins {t.name!r} to {pinned}'s PTQ, but the chosen "
+                                f"attempt {chosen.index} ({chosen.label}) is not PTQ: no settings to make it with. "
+                                "Remove the pin or set quantization.mode: ptq", report=report)
+            if not a.eligible:
+                raise GateError(f"quantization.target_engines pins {t.name!r} to {pinned}'s PTQ, and that attempt "
+                                f"({a.index}, {a.label}) cannot ship: "
+                                + (a.error or f"drop {a.drop:+.4f} misses the SLA {ctx.cfg.thresholds.int8_max_drop:g}")
+                                + ":\n" + format_attempts(report), report=report)
+            if a is not chosen:
+                report.target_forms[t.name] = TargetForm(target=t.name, attempt=a.index,
+                                                         reason=f"pinned to {pinned} (quantization.target_engines)")
+            lines.append(f"{t.name}: attempt {a.index} ({a.label}), pinned to {pinned}")
+            continue
+        if q.target_forms != "fastest" or backend is None:
+            continue
+        if not backend.measures_latency or not backend.availability(t.device)[0]:
+            lines.append(f"{t.name}: the shared model (attempt {chosen.index}): not timed here")
+            continue
+        candidates = [a for a in ctx.attempts if a.eligible]
+        if backend.native_ptq_engine:
+            native = same_settings_by(ctx, report, chosen, backend.native_ptq_engine,
+                                      f"for {t.name} ({t.backend}'s own quantizer)")
+            if native is not None and native.eligible and native not in candidates:
+                candidates.append(native)
+            elif native is not None and not native.eligible:
+                lines.append(f"{t.name}: {backend.native_ptq_engine}'s attempt {native.index} cannot ship: "
+                             + (native.error or f"drop {native.drop:+.4f} misses the SLA"))
+        if len(candidates) < 2:
+            lines.append(f"{t.name}: the shared model (attempt {chosen.index}): no other attempt meets the SLA")
+            continue
+        ms, failed = time_on(candidates, t, feeds, q.speed_rounds, q.latency_iters)
+        for i, why in failed.items():
+            lines.append(f"{t.name}: attempt {i} could not run there: {why}")
+        pick = fastest_form(candidates, ms, chosen)
+        timing = ", ".join(f"attempt {i} {v:.3f} ms" for i, v in sorted(ms.items()))
+        if pick is chosen:
+            lines.append(f"{t.name}: the shared model (attempt {chosen.index}): no attempt is "
+                         f"{REMEDY_MIN_GAIN - 1:.0%} faster there ({timing}; side by side, {q.speed_rounds} rounds)")
+            continue
+        gain = ms[chosen.index] / ms[pick.index] if chosen.index in ms else None
+        why = (f"{gain:.2f}x faster than the shared model there" if gain else "the shared model cannot run there")
+        report.target_forms[t.name] = TargetForm(target=t.name, attempt=pick.index, reason=f"fastest: {why}")
+        lines.append(f"{t.name}: attempt {pick.index} ({pick.label}), {why} ({timing}; side by side, "
+                     f"{q.speed_rounds} rounds)")
+    report.forms_note = "\n".join(lines)
+
+
 def explain_int8_speed(report: QuantizationReport, int8_onnx: Path, deploy: TargetSpec, fp32_onnx: Path | None = None,
                        feeds: dict[str, np.ndarray] | None = None) -> None:
     """INT8 is not faster on `deploy`: ask its runtime why (per op type: integer kernels against quantized ops left
@@ -686,8 +834,12 @@ def run_quantization(
         if refusal:
             raise GateError(refusal + (f"\n{report.speed_explanation}" if report.speed_explanation else "")
                             + "\n" + SPEED_GATE_ADVICE, report=report)
+        choose_target_forms(ctx, report, chosen, batch1_feeds(val_x))
         out_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy(chosen.onnx_path, out_dir / f"{spec.name}-int8.onnx")
+        for name, form in report.target_forms.items():
+            form.file = f"{spec.name}-int8.{name}.onnx"
+            shutil.copy(report.attempts[form.attempt].onnx_path, out_dir / form.file)
     finally:
         shutil.rmtree(ctx.work, ignore_errors=True)
     return report

@@ -26,8 +26,9 @@ from edgeq.tasks.caching import code_fingerprint, content_key, retry_transient, 
 
 
 class QuantizeResult(BaseModel):
-    int8: ArtifactRef
+    int8: ArtifactRef  # the deployment target's model, shared by every target without a form of its own
     report: QuantizationReport
+    forms: dict[str, ArtifactRef] = {}  # target -> its own INT8 model (report.target_forms says which and why)
 
 
 def resolve_calibration(cfg: EdgeqConfig, version: str | None = None) -> CalibrationReader:
@@ -84,7 +85,12 @@ def quantize_to_store(cfg: EdgeqConfig, fp32: ArtifactRef, calibration_version: 
         chosen = report.chosen_attempt
         ref = store.put_file(Path(tmp) / f"{cfg.model.name}-int8.onnx",
                              meta={"stage": "quantize", "attempt": chosen.label, "calibration": cal.version.version})
-    return QuantizeResult(int8=ref, report=report)
+        forms = {name: store.put_file(Path(tmp) / form.file,
+                                      meta={"stage": "quantize", "target": name,
+                                            "attempt": report.attempts[form.attempt].label,
+                                            "calibration": cal.version.version})
+                 for name, form in report.target_forms.items()}
+    return QuantizeResult(int8=ref, report=report, forms=forms)
 
 
 def quantization_markdown(report: QuantizationReport, failed: str = "") -> str:
@@ -105,6 +111,9 @@ def quantization_markdown(report: QuantizationReport, failed: str = "") -> str:
         lines += [f"- chosen: attempt {chosen.index} — {chosen.label}: {report.metric_name} {chosen.metric:.4f} "
                   f"(drop {chosen.drop:+.4f}){extra}", f"- speed: {verdict}"]
         lines += [f"  - {w}" for w in why]
+        if report.forms_note:
+            lines.append("- INT8 model per target (quantization.target_forms):")
+            lines += [f"  - {w}" for w in report.forms_note.split("\n")]
         lines += [f"- note: {n}" for n in chosen.notes]
     lines += ["", "```", failed or format_attempts(report), "```"]
     return "\n".join(lines)

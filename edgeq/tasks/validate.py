@@ -125,6 +125,14 @@ def publish_validation(report: ValidationReport, chart_png_bytes: bytes | None =
             key="four-way-chart", description="metric per stage (95 % interval), batch-1 latency per runtime")
 
 
+def publish_form_validation(target: str, report: ValidationReport) -> None:
+    """The four-way table of a target's own INT8 model (quantization.target_forms), under a key of its own."""
+    key = "four-way-" + "".join(c if c.isalnum() else "-" for c in target.lower())
+    create_markdown_artifact(markdown=validation_markdown(report).replace(
+        "# Four-way validation of", f"# Four-way validation of {target}'s own INT8 model of", 1), key=key,
+        description=f"four-way validation of the INT8 model {target} gets")
+
+
 def validate_cache_key(cfg: EdgeqConfig, fp32: ArtifactRef, int8: ArtifactRef, calibration_version: str) -> str:
     return content_key("validate", fp32=fp32.sha256, int8=int8.sha256, calibration=calibration_version,
                        identity=CONTENT_ID_SCHEME,

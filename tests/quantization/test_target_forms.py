@@ -1,0 +1,60 @@
+"""quantization.target_forms: each target may get the INT8 model fastest on it, chosen by a side-by-side timing."""
+
+import onnx
+
+from edgeq.core.modeling import build_model
+from edgeq.quantization.escalate import REMEDY_MIN_GAIN, Attempt, fastest_form, run_quantization
+from tests.quantization.test_escalation import _ptq_setup
+
+
+def _attempt(index: int, metric: float) -> Attempt:
+    return Attempt(index=index, kind="ptq", label=f"attempt {index}", settings={}, metric=metric, meets_sla=True)
+
+
+def test_the_fastest_form_wins_beyond_the_noise_and_ties_keep_the_shared_model_or_go_to_accuracy():
+    shared, other, third = _attempt(0, 0.95), _attempt(1, 0.94), _attempt(2, 0.96)
+    assert REMEDY_MIN_GAIN == 1.05
+    # within 5 % of the fastest: the shared model stays (one model fewer to ship and validate)
+    assert fastest_form([shared, other], {0: 1.04, 1: 1.0}, shared) is shared
+    # more than 5 % faster: the other one
+    assert fastest_form([shared, other], {0: 1.06, 1: 1.0}, shared) is other
+    # two faster ones tied with each other: the more accurate of them, though not the fastest
+    assert fastest_form([shared, other, third], {0: 2.0, 1: 1.0, 2: 1.03}, shared) is third
+    # the shared model could not run on the target (no timing): the fastest that could
+    assert fastest_form([shared, other, third], {1: 1.0, 2: 1.2}, shared) is other
+    # nothing timed: the shared model
+    assert fastest_form([shared, other], {}, shared) is shared
+
+
+def test_fastest_tries_openvinos_own_quantizer_times_both_there_and_follows_the_rule(tmp_path, demo_root):
+    """ort-cpu deploys (the ladder's choice: ONNX Runtime's PTQ); openvino-cpu may get NNCF's model, made with the
+    same settings because the ladder stopped before it, and timed against the shared model on OpenVINO side by side.
+    Which one OpenVINO gets depends on this CPU; what must hold is that the choice follows the rule from the
+    recorded timings, and that a chosen form is written beside the shared model."""
+    targets = [{"name": "ort-cpu", "backend": "onnxruntime"}, {"name": "openvino-cpu", "backend": "openvino"}]
+    cfg, fp32, calib, val, opset = _ptq_setup(tmp_path, demo_root, targets, latency_iters=20)
+    cfg = cfg.model_copy(update={"quantization": cfg.quantization.model_copy(update={"target_forms": "fastest"})})
+    out = tmp_path / "out"
+    rep = run_quantization(cfg, fp32, build_model(cfg.model), calib, "v-test", val, None, out, opset)
+    chosen = rep.chosen_attempt
+    assert chosen.settings["engine"] == "onnxruntime"
+    (nncf,) = [a for a in rep.attempts if a.settings.get("engine") == "nncf"]
+    assert nncf.notes[-1] == "made for openvino-cpu (openvino's own quantizer)"
+    assert {k: v for k, v in nncf.settings.items() if k != "engine"} == {
+        k: v for k, v in chosen.settings.items() if k != "engine"}  # the same settings, the other engine
+    eligible = [a for a in rep.attempts if a.eligible]
+    assert nncf in eligible, rep.attempts_table()
+    ms = {a.index: a.latency_on("openvino-cpu").int8_ms for a in eligible}  # the side-by-side medians
+    pick = fastest_form(eligible, ms, chosen)
+    (line,) = [n for n in rep.forms_note.split("\n") if n.startswith("openvino-cpu:")]
+    assert "side by side, 5 rounds" in line and f"attempt {nncf.index} " in line, line
+    if pick is chosen:
+        assert rep.target_forms == {} and "the shared model" in line
+        assert sorted(p.name for p in out.iterdir()) == ["digits-cnn-int8.onnx"]
+    else:
+        form = rep.target_forms["openvino-cpu"]
+        assert form.attempt == pick.index and form.reason.startswith("fastest: ")
+        shipped = out / "digits-cnn-int8.openvino-cpu.onnx"
+        assert form.file == shipped.name and shipped.read_bytes() != (out / "digits-cnn-int8.onnx").read_bytes()
+        assert onnx.load(str(shipped)) is not None
+    assert rep.target_forms.keys() <= {"openvino-cpu"}  # the deployment target keeps the ladder's choice
