@@ -622,13 +622,20 @@ def fastest_form(candidates: list[Attempt], ms: dict[int, float], shared: Attemp
 
 
 def time_on(attempts: list[Attempt], target: TargetSpec, feeds: dict[str, np.ndarray], rounds: int,
-            iters: int) -> tuple[dict[int, float], dict[int, str]]:
-    """Side-by-side medians of `attempts` on `target` (every one loaded, rounds in rotating order), and why each one
-    the runtime could not load or run failed there: such an attempt is out for that target, the others go on."""
+            iters: int, fp32_onnx: Path | None = None) -> tuple[dict[int, float], dict[int, str], float | None]:
+    """Side-by-side medians of `attempts` on `target` (every one loaded, rounds in rotating order), why each one the
+    runtime could not load or run failed there (such an attempt is out for that target, the others go on), and the
+    FP32 model's median in the same rounds when `fp32_onnx` is given (None when it could not run)."""
     backend = get_backend(target.backend)
     failed: dict[int, str] = {}
+    fp32_ms = None
     with ExitStack() as stack:
         runners, loaded = [], []
+        if fp32_onnx is not None:
+            try:
+                runners.append(stack.enter_context(backend.runner(fp32_onnx, target)))
+            except Exception:  # noqa: BLE001 - then the note gives no FP32 comparison
+                fp32_onnx = None
         for a in attempts:
             try:
                 runner = stack.enter_context(backend.runner(Path(a.onnx_path), target))
@@ -638,13 +645,17 @@ def time_on(attempts: list[Attempt], target: TargetSpec, feeds: dict[str, np.nda
                 continue
             runners.append(runner)
             loaded.append(a)
-        times = interleaved_benchmark(runners, feeds, rounds, iters) if runners else []
+        times = interleaved_benchmark(runners, feeds, rounds, iters) if loaded else []
+    if fp32_onnx is not None and times:
+        fp32_ms, times = float(np.median(times[0])), times[1:]
     ms = {a.index: float(np.median(t)) for a, t in zip(loaded, times)}
     for a in loaded:
         lat = a.latency_on(target.name)
         if lat is not None:
             lat.int8_ms, lat.round_ratios = ms[a.index], []
-    return ms, failed
+            if fp32_ms is not None:
+                lat.fp32_ms = fp32_ms
+    return ms, failed, fp32_ms
 
 
 def choose_target_forms(ctx: Escalation, report: QuantizationReport, chosen: Attempt,
@@ -701,20 +712,24 @@ def choose_target_forms(ctx: Escalation, report: QuantizationReport, chosen: Att
         if len(candidates) < 2:
             lines.append(f"{t.name}: the shared model (attempt {chosen.index}): no other attempt meets the SLA")
             continue
-        ms, failed = time_on(candidates, t, feeds, q.speed_rounds, q.latency_iters)
+        ms, failed, fp32_ms = time_on(candidates, t, feeds, q.speed_rounds, q.latency_iters, ctx.fp32_onnx)
         for i, why in failed.items():
             lines.append(f"{t.name}: attempt {i} could not run there: {why}")
         pick = fastest_form(candidates, ms, chosen)
-        timing = ", ".join(f"attempt {i} {v:.3f} ms" for i, v in sorted(ms.items()))
+        timing = ", ".join([f"FP32 {fp32_ms:.3f} ms"] * (fp32_ms is not None)
+                           + [f"attempt {i} {v:.3f} ms" for i, v in sorted(ms.items())])
+        timing += f"; side by side, {q.speed_rounds} rounds"
+        if pick.index in ms and fp32_ms is not None:  # INT8 exists to be faster: say so where it is not
+            ratio = fp32_ms / ms[pick.index]
+            timing += (f"; {ratio:.2f}x FP32's speed there" + ("" if ratio > 1 else ": NOT faster than FP32"))
         if pick is chosen:
             lines.append(f"{t.name}: the shared model (attempt {chosen.index}): no attempt is "
-                         f"{REMEDY_MIN_GAIN - 1:.0%} faster there ({timing}; side by side, {q.speed_rounds} rounds)")
+                         f"{REMEDY_MIN_GAIN - 1:.0%} faster there ({timing})")
             continue
         gain = ms[chosen.index] / ms[pick.index] if chosen.index in ms else None
         why = (f"{gain:.2f}x faster than the shared model there" if gain else "the shared model cannot run there")
         report.target_forms[t.name] = TargetForm(target=t.name, attempt=pick.index, reason=f"fastest: {why}")
-        lines.append(f"{t.name}: attempt {pick.index} ({pick.label}), {why} ({timing}; side by side, "
-                     f"{q.speed_rounds} rounds)")
+        lines.append(f"{t.name}: attempt {pick.index} ({pick.label}), {why} ({timing})")
     report.forms_note = "\n".join(lines)
 
 

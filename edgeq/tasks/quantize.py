@@ -164,6 +164,8 @@ def most_attempts(cfg: EdgeqConfig) -> int:
         ptq += 2  # likely an attention model: the transformer PTQ rung (ONNX Runtime, NNCF)
     if q.mode == "qat" or q.sla == "fixed":
         return 1
+    # an INT8 model per target: at most one more attempt per other target (its runtime's own quantizer)
+    ptq += len(cfg.targets) - 1 if q.target_forms == "fastest" else len(q.target_engines)
     return ptq if q.mode == "ptq" else ptq + 1
 
 

@@ -48,6 +48,9 @@ def test_fastest_tries_openvinos_own_quantizer_times_both_there_and_follows_the_
     pick = fastest_form(eligible, ms, chosen)
     (line,) = [n for n in rep.forms_note.split("\n") if n.startswith("openvino-cpu:")]
     assert "side by side, 5 rounds" in line and f"attempt {nncf.index} " in line, line
+    fp32_ms = nncf.latency_on("openvino-cpu").fp32_ms  # FP32 timed in the same rounds: is INT8 faster there?
+    assert f"FP32 {fp32_ms:.3f} ms" in line and f"{fp32_ms / ms[pick.index]:.2f}x FP32's speed there" in line, line
+    assert ("NOT faster than FP32" in line) == (fp32_ms / ms[pick.index] <= 1), line
     if pick is chosen:
         assert rep.target_forms == {} and "the shared model" in line
         assert sorted(p.name for p in out.iterdir()) == ["digits-cnn-int8.onnx"]
