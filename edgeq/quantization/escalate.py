@@ -621,6 +621,13 @@ def fastest_form(candidates: list[Attempt], ms: dict[int, float], shared: Attemp
     return max(near, key=lambda a: (round(a.metric or 0.0, 6), -ms[a.index]))
 
 
+def _brief(exc: Exception, limit: int = 300) -> str:
+    """An exception on one line, at most `limit` characters: its start and its end (where a runtime names the op it
+    could not convert, after pages of its own source locations)."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else f"{text[:limit // 3]} … {text[-(2 * limit // 3):]}"
+
+
 def time_on(attempts: list[Attempt], target: TargetSpec, feeds: dict[str, np.ndarray], rounds: int,
             iters: int, fp32_onnx: Path | None = None) -> tuple[dict[int, float], dict[int, str], float | None]:
     """Side-by-side medians of `attempts` on `target` (every one loaded, rounds in rotating order), why each one the
@@ -641,7 +648,7 @@ def time_on(attempts: list[Attempt], target: TargetSpec, feeds: dict[str, np.nda
                 runner = stack.enter_context(backend.runner(Path(a.onnx_path), target))
                 runner.infer(feeds)
             except Exception as exc:  # noqa: BLE001 - a runtime that refuses one attempt is that attempt's row
-                failed[a.index] = f"{type(exc).__name__}: {exc}"[:300]
+                failed[a.index] = _brief(exc)
                 continue
             runners.append(runner)
             loaded.append(a)

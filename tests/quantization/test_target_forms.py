@@ -61,3 +61,39 @@ def test_fastest_tries_openvinos_own_quantizer_times_both_there_and_follows_the_
         assert form.file == shipped.name and shipped.read_bytes() != (out / "digits-cnn-int8.onnx").read_bytes()
         assert onnx.load(str(shipped)) is not None
     assert rep.target_forms.keys() <= {"openvino-cpu"}  # the deployment target keeps the ladder's choice
+
+
+def _one_op_model(path, node, opsets):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets]), str(path))
+    return str(path)
+
+
+def test_a_model_a_runtime_refuses_is_out_for_that_target_with_its_error_and_the_others_are_timed(tmp_path):
+    """Two models of the same function (y = 2x): a Mul, and ONNX-ML's Scaler, which ONNX Runtime runs and OpenVINO
+    cannot convert. On OpenVINO the Scaler one is recorded as failed there with OpenVINO's own error, the Mul one is
+    timed (FP32 beside it), and the rule picks the one that ran, although the refused one was the shared model."""
+    import numpy as np
+    from onnx import helper
+
+    from edgeq.core.specs import TargetSpec
+    from edgeq.quantization.escalate import time_on
+
+    mul = _one_op_model(tmp_path / "mul.onnx", helper.make_node("Mul", ["x", "two"], ["y"]), [("", 17)])
+    scaler = _one_op_model(tmp_path / "scaler.onnx", helper.make_node("Scaler", ["x"], ["y"], domain="ai.onnx.ml",
+                                                                      offset=[0.0], scale=[2.0]),
+                           [("", 17), ("ai.onnx.ml", 3)])
+    refused, runs = _attempt(0, 0.9), _attempt(1, 0.9)
+    refused.onnx_path, runs.onnx_path = scaler, mul
+    feeds = {"x": np.ones((1, 4), np.float32)}
+    ort_ms, ort_failed, _ = time_on([refused, runs], TargetSpec(name="ort-cpu", backend="onnxruntime"), feeds, 2, 10)
+    assert ort_failed == {} and set(ort_ms) == {0, 1}  # ONNX Runtime runs both
+    ms, failed, fp32_ms = time_on([refused, runs], TargetSpec(name="openvino-cpu", backend="openvino"), feeds, 2, 10,
+                                  fp32_onnx=tmp_path / "mul.onnx")
+    assert set(failed) == {0} and "ai.onnx.ml.Scaler" in failed[0], failed
+    assert set(ms) == {1} and ms[1] > 0 and fp32_ms and fp32_ms > 0
+    assert fastest_form([refused, runs], ms, shared=refused) is runs
