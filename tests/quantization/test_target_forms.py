@@ -3,7 +3,12 @@
 import onnx
 
 from edgeq.core.modeling import build_model
-from edgeq.quantization.escalate import REMEDY_MIN_GAIN, Attempt, fastest_form, run_quantization
+from edgeq.quantization.escalate import (
+    REMEDY_MIN_GAIN,
+    Attempt,
+    fastest_form,
+    run_quantization,
+)
 from tests.quantization.test_escalation import _ptq_setup
 
 
