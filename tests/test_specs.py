@@ -38,6 +38,7 @@ def _edit(path: Path, fn) -> Path:
         (lambda d: d.update(quantization={"target_engines": {"ort-cpu": "nncf"}}),
          "pins the deployment target 'ort-cpu'"),
         (lambda d: d.update(quantization={"target_forms": "per-target"}), "quantization.target_forms"),
+        (lambda d: d["targets"][0].update(name="../escape"), "targets.0.name"),
     ],
 )
 def test_bad_yaml_names_the_field(tmp_path, demo_root, edit, expected):

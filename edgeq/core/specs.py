@@ -150,7 +150,9 @@ class ModelSpec(Spec):
 
 
 class TargetSpec(Spec):
-    name: str
+    # A file and folder name in the bundle (its compiled form, its own INT8 model) and part of task run names.
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="letters, digits, '.', '_' and '-' (it names the target's files in the bundle)")
     backend: str = Field(description="onnxruntime, openvino, tensorrt, or declared")
     device: str = "cpu"
     max_opset: int | None = Field(None, ge=7, description="default: what the installed runtime supports")
