@@ -138,6 +138,6 @@ def convert_model(params: ConvertParams = ConvertParams()) -> dict[str, Any]:
         measurements["target_forms_note"] = quantized.report.forms_note
     manifest = publish_task(cfg, quantized.int8, lineage(cfg, exported, quantized, calibration), measurements,
                             validated.report.passed and all(f["passed"] for f in forms.values()),
-                            forms={name: quantized.forms[name] for name in forms}, form_records=forms)
+                            forms=quantized.forms, form_records=forms)
     logger.info("published %s at %s", manifest["bundle_id"], manifest["uri"])
     return manifest

@@ -88,6 +88,10 @@ class Attempt(BaseModel):
         """This attempt's latency row for `target` (None: not timed there)."""
         return next((lat for lat in self.latency if lat.target == target), None)
 
+    def set_latency(self, row: Latency) -> None:
+        """Replace this attempt's latency row for `row.target` (a side-by-side measurement replaces the ladder's)."""
+        self.latency = [row if lat.target == row.target else lat for lat in self.latency]
+
 
 class TargetForm(BaseModel):
     """A target that gets another INT8 model than the deployment target's (`quantization.target_forms` /
@@ -437,25 +441,61 @@ def tied_attempts(attempts: list[Attempt], max_drop: float = 0.0) -> list[Attemp
     return [a for a in passing if round(a.metric, 6) >= best - TIE_SHARE_OF_SLA * max_drop - 1e-12]
 
 
+def _brief(exc: Exception, limit: int = 300) -> str:
+    """An exception on one line, at most `limit` characters: its start and its end (where a runtime names the op it
+    could not convert, after pages of its own source locations)."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else f"{text[:limit // 3]} … {text[-(2 * limit // 3):]}"
+
+
+def time_on(attempts: list[Attempt], target: TargetSpec, feeds: dict[str, np.ndarray], rounds: int,
+            iters: int, fp32_onnx: Path | None = None) -> tuple[dict[int, float], dict[int, str], float | None]:
+    """Side-by-side medians of `attempts` on `target` (every one loaded, rounds in rotating order), why each one the
+    runtime could not load or run failed there (such an attempt is out for that target, the others go on), and the
+    FP32 model's median in the same rounds when `fp32_onnx` is given (None when it could not run). Records nothing:
+    the caller decides which rows these timings replace."""
+    backend = get_backend(target.backend)
+    failed: dict[int, str] = {}
+    fp32_ms = None
+    with ExitStack() as stack:
+        runners, loaded = [], []
+        if fp32_onnx is not None:
+            try:
+                runners.append(stack.enter_context(backend.runner(fp32_onnx, target)))
+            except Exception:  # noqa: BLE001 - then the note gives no FP32 comparison
+                fp32_onnx = None
+        for a in attempts:
+            try:
+                runner = stack.enter_context(backend.runner(Path(a.onnx_path), target))
+                runner.infer(feeds)
+            except Exception as exc:  # noqa: BLE001 - a runtime that refuses one attempt is that attempt's row
+                failed[a.index] = _brief(exc)
+                continue
+            runners.append(runner)
+            loaded.append(a)
+        times = interleaved_benchmark(runners, feeds, rounds, iters) if loaded else []
+    if fp32_onnx is not None and times:
+        fp32_ms, times = float(np.median(times[0])), times[1:]
+    return {a.index: float(np.median(t)) for a, t in zip(loaded, times)}, failed, fp32_ms
+
+
 def retime_ties(attempts: list[Attempt], target: TargetSpec, feeds: dict[str, np.ndarray], rounds: int,
                 iters: int) -> None:
-    """Time the tied attempts against each other on `target`, side by side (every one loaded, `rounds` rounds in
-    rotating order, median of round medians), and put those timings in their latency rows: the ladder timed each
-    attempt minutes after the one before, and on a busy machine that ordering is noise (measured: a model 1.8x
-    slower on ONNX Runtime was ranked first and shipped). Attempts a runtime cannot run keep their rows."""
+    """Time the tied attempts against each other on `target`, side by side (`time_on`: every one loaded, `rounds`
+    rounds in rotating order, median of round medians), and put those timings in their latency rows: the ladder timed
+    each attempt minutes after the one before, and on a busy machine that ordering is noise (measured: a model 1.8x
+    slower on ONNX Runtime was ranked first and shipped). When one cannot run there, every attempt keeps the ladder's
+    row (side-by-side and ladder timings are not compared with each other)."""
     backend = get_backend(target.backend)
     if len(attempts) < 2 or not backend.availability(target.device)[0] or not backend.measures_latency:
         return
-    with ExitStack() as stack:
-        try:
-            runners = [stack.enter_context(backend.runner(Path(a.onnx_path), target)) for a in attempts]
-        except Exception:  # noqa: BLE001 - one that cannot load keeps the ladder's timings for all
-            return
-        times = interleaved_benchmark(runners, feeds, rounds, iters)
-    for a, t in zip(attempts, times):
+    ms, failed, _ = time_on(attempts, target, feeds, rounds, iters)
+    if failed:
+        return
+    for a in attempts:
         lat = a.latency_on(target.name)
         if lat and lat.int8_ms:
-            lat.int8_ms = float(np.median(t))
+            lat.int8_ms = ms[a.index]
 
 
 def choose_attempt(attempts: list[Attempt], deploy_target: str, max_drop: float = 0.0) -> Attempt | None:
@@ -568,7 +608,7 @@ def try_speed_remedy(ctx: Escalation, report: QuantizationReport, chosen: Attemp
         return chosen
     q = ctx.q
     verdict = side_by_side(ctx.fp32_onnx, Path(remedy.onnx_path), ctx.deploy, feeds, q.speed_rounds, q.latency_iters)
-    remedy.latency = [verdict if lat.target == ctx.deploy.name else lat for lat in remedy.latency]
+    remedy.set_latency(verdict)
     before = chosen.latency_on(ctx.deploy.name).speedup  # measured: the verdict found that INT8 does not pay
     after = verdict.speedup
     if after is None or after <= before * REMEDY_MIN_GAIN:
@@ -619,50 +659,6 @@ def fastest_form(candidates: list[Attempt], ms: dict[int, float], shared: Attemp
     if shared in near:
         return shared
     return max(near, key=lambda a: (round(a.metric or 0.0, 6), -ms[a.index]))
-
-
-def _brief(exc: Exception, limit: int = 300) -> str:
-    """An exception on one line, at most `limit` characters: its start and its end (where a runtime names the op it
-    could not convert, after pages of its own source locations)."""
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    return text if len(text) <= limit else f"{text[:limit // 3]} … {text[-(2 * limit // 3):]}"
-
-
-def time_on(attempts: list[Attempt], target: TargetSpec, feeds: dict[str, np.ndarray], rounds: int,
-            iters: int, fp32_onnx: Path | None = None) -> tuple[dict[int, float], dict[int, str], float | None]:
-    """Side-by-side medians of `attempts` on `target` (every one loaded, rounds in rotating order), why each one the
-    runtime could not load or run failed there (such an attempt is out for that target, the others go on), and the
-    FP32 model's median in the same rounds when `fp32_onnx` is given (None when it could not run)."""
-    backend = get_backend(target.backend)
-    failed: dict[int, str] = {}
-    fp32_ms = None
-    with ExitStack() as stack:
-        runners, loaded = [], []
-        if fp32_onnx is not None:
-            try:
-                runners.append(stack.enter_context(backend.runner(fp32_onnx, target)))
-            except Exception:  # noqa: BLE001 - then the note gives no FP32 comparison
-                fp32_onnx = None
-        for a in attempts:
-            try:
-                runner = stack.enter_context(backend.runner(Path(a.onnx_path), target))
-                runner.infer(feeds)
-            except Exception as exc:  # noqa: BLE001 - a runtime that refuses one attempt is that attempt's row
-                failed[a.index] = _brief(exc)
-                continue
-            runners.append(runner)
-            loaded.append(a)
-        times = interleaved_benchmark(runners, feeds, rounds, iters) if loaded else []
-    if fp32_onnx is not None and times:
-        fp32_ms, times = float(np.median(times[0])), times[1:]
-    ms = {a.index: float(np.median(t)) for a, t in zip(loaded, times)}
-    for a in loaded:
-        lat = a.latency_on(target.name)
-        if lat is not None:
-            lat.int8_ms, lat.round_ratios = ms[a.index], []
-            if fp32_ms is not None:
-                lat.fp32_ms = fp32_ms
-    return ms, failed, fp32_ms
 
 
 def choose_target_forms(ctx: Escalation, report: QuantizationReport, chosen: Attempt,
@@ -720,6 +716,10 @@ def choose_target_forms(ctx: Escalation, report: QuantizationReport, chosen: Att
             lines.append(f"{t.name}: the shared model (attempt {chosen.index}): no other attempt meets the SLA")
             continue
         ms, failed, fp32_ms = time_on(candidates, t, feeds, q.speed_rounds, q.latency_iters, ctx.fp32_onnx)
+        for a in candidates:  # the side-by-side timings replace the ladder's in the attempts table
+            if a.index in ms and (old := a.latency_on(t.name)) is not None:
+                a.set_latency(old.model_copy(update={"int8_ms": ms[a.index], "round_ratios": [],
+                                                     "fp32_ms": old.fp32_ms if fp32_ms is None else fp32_ms}))
         for i, why in failed.items():
             lines.append(f"{t.name}: attempt {i} could not run there: {why}")
         pick = fastest_form(candidates, ms, chosen)
@@ -844,7 +844,7 @@ def run_quantization(
         if measured.availability(deploy.device)[0] and measured.measures_latency:
             verdict = side_by_side(fp32_onnx, Path(chosen.onnx_path), deploy, batch1_feeds(val_x), q.speed_rounds,
                                    q.latency_iters)
-            chosen.latency = [verdict if lat.target == deploy.name else lat for lat in chosen.latency]
+            chosen.set_latency(verdict)
         report.faster_than_fp32, report.speed_note = speed_verdict(chosen, deploy.name)
         if report.faster_than_fp32 is False or speed_gate(chosen, deploy.name, cfg.thresholds.int8_min_speedup):
             chosen = try_speed_remedy(ctx, report, chosen, batch1_feeds(val_x))

@@ -203,6 +203,16 @@ def depthwise_convs(model: onnx.ModelProto) -> list[str]:
     return out
 
 
+def profile_fp32_nodes(model: onnx.ModelProto, profile: Profile) -> list[str]:
+    """The nodes a profile keeps in FP32, for either engine: the transformer profile's embedding Gathers, the
+    fp32-depthwise profile's depthwise convolutions; none for the default."""
+    if profile == "transformer":
+        return embedding_gathers(model)
+    if profile == "fp32-depthwise":
+        return depthwise_convs(model)
+    return []
+
+
 def embedding_gathers(model: onnx.ModelProto) -> list[str]:
     """Gathers that look a table up by index (data is a 2-D weight): an embedding, kept FP32 by the transformer
     profile."""
@@ -217,11 +227,8 @@ def quantize_onnxruntime(src: Path, dst: Path, data: CalibrationReader, s: PTQSe
 
     act = QuantType.QUInt8 if s.types == "u8s8" else QuantType.QInt8
     model = onnx.load(str(src), load_external_data=False)
-    excluded = set(s.keep_fp32_nodes) | {n.name for n in model.graph.node if n.op_type in s.fp32_op_types}
-    if s.profile == "transformer":
-        excluded |= set(embedding_gathers(model))
-    elif s.profile == "fp32-depthwise":
-        excluded |= set(depthwise_convs(model))
+    excluded = (set(s.keep_fp32_nodes) | {n.name for n in model.graph.node if n.op_type in s.fp32_op_types}
+                | set(profile_fp32_nodes(model, s.profile)))
     data.rewind()  # quantize_static reads from where get_next() stands; an earlier attempt left it at the end
     with muted_output():  # the calibrators print progress
         quantize_static(
@@ -242,8 +249,7 @@ def quantize_nncf(src: Path, dst: Path, data: CalibrationReader, s: PTQSettings,
 
     model = onnx.load(str(src))
     ignored = None
-    names = list(s.keep_fp32_nodes) + (embedding_gathers(model) if s.profile == "transformer" else
-                                        depthwise_convs(model) if s.profile == "fp32-depthwise" else [])
+    names = list(s.keep_fp32_nodes) + profile_fp32_nodes(model, s.profile)
     if names or s.fp32_op_types:
         ignored = nncf.IgnoredScope(names=names, types=s.fp32_op_types, validate=False)
     with muted_output(stderr=True):
