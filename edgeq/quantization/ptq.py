@@ -298,6 +298,9 @@ def hoist_transposes_above_qdq(model: onnx.ModelProto) -> int:
     transpose optimizer then rewrites such a pair at opset >= 21 into a QuantizeLinear whose `output_dtype`
     contradicts its zero point ("Node (view_q) ... output_dtype INT8 does not match y_zero_point type UINT8"), and
     every session on the model fails to load.
+
+    Shapes recorded in ``value_info`` for the tensors the rewrite re-shapes are dropped, so the result passes
+    ``onnx.checker.check_model(full_check=True)``.
     """
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
@@ -326,6 +329,12 @@ def hoist_transposes_above_qdq(model: onnx.ModelProto) -> int:
                 continue
             x, y = q.input[0], t.output[0]
             mid = f"{y}__pre_qdq"
+            # the quantized tensor takes the moved node's output shape and the old dequantized tensor is gone: a
+            # shape recorded for either (by shape inference before the rewrite) would now contradict the graph
+            stale = {q.output[0], dq.output[0]}
+            kept = [v for v in graph.value_info if v.name not in stale]
+            del graph.value_info[:]
+            graph.value_info.extend(kept)
             t.input[0], t.output[0] = x, mid
             q.input[0] = mid
             dq.output[0] = y
@@ -351,7 +360,7 @@ def quantize(src: Path, dst: Path, data: CalibrationReader, settings: PTQSetting
         _check_excludes(pre, settings)
         fn = quantize_nncf if settings.engine == "nncf" else quantize_onnxruntime
         out = fn(pre, Path(tmp) / "q.onnx", data, settings, notes)
-        onnx.checker.check_model(str(out))
+        onnx.checker.check_model(str(out), full_check=True)
         Path(dst).parent.mkdir(parents=True, exist_ok=True)
         Path(out).replace(dst)
     return dst

@@ -236,10 +236,11 @@ def test_transposes_after_a_dequantize_are_hoisted_so_onnx_runtime_loads_the_mod
     basic = ort.SessionOptions()
     basic.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     want = ort.InferenceSession(str(src), basic, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-    model = onnx.load(str(src))
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(src)))  # shapes recorded, as NNCF's models have them
+    assert {v.name for v in model.graph.value_info} >= {"xq", "xd"}
     assert hoist_transposes_above_qdq(model) == 1
     assert [n.op_type for n in model.graph.node] == ["Transpose", "QuantizeLinear", "DequantizeLinear", "MatMul"]
-    onnx.checker.check_model(model, full_check=True)
+    onnx.checker.check_model(model, full_check=True)  # no shape recorded before the rewrite contradicts it
     onnx.save(model, str(tmp_path / "h.onnx"))
     got = run_onnx(tmp_path / "h.onnx", feeds, outputs=["out"])["out"]  # ONNX Runtime, every optimization on
     np.testing.assert_allclose(got, want, atol=1e-6)
@@ -277,12 +278,12 @@ def test_a_reshape_and_transpose_after_a_dequantize_are_both_hoisted_in_graph_or
     basic = ort.SessionOptions()
     basic.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     want = ort.InferenceSession(str(src), basic, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-    model = onnx.load(str(src))
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(src)))  # shapes recorded, as NNCF's models have them
     assert hoist_transposes_above_qdq(model) == 2
     ops = [n.op_type for n in model.graph.node]
     assert ops.index("Reshape") < ops.index("Transpose") < ops.index("QuantizeLinear") < ops.index("DequantizeLinear")
     assert ops.index("Concat") < ops.index("Reshape")  # the shape is computed before it is used
-    onnx.checker.check_model(model, full_check=True)
+    onnx.checker.check_model(model, full_check=True)  # no shape recorded before the rewrite contradicts it
     onnx.save(model, str(tmp_path / "h.onnx"))
     got = run_onnx(tmp_path / "h.onnx", feeds, outputs=["out"])["out"]  # ONNX Runtime, every optimization on
     np.testing.assert_allclose(got, want, atol=1e-6)
