@@ -44,12 +44,14 @@ the outputs; the top-1 clause of the export check then does not apply (``classif
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -66,8 +68,47 @@ from edgeq.export import ONNX_EXPORT_LOCK
 ENGINE = "nncf-torch-qat"
 # Seconds NNCF may take to compile and load its CPU extension, unless NNCF_EXTENSION_LOAD_TIMEOUT is set.
 NNCF_EXTENSION_TIMEOUT_S = 900
+# Fewer training steps than this: NNCF's fake-quantize ops run eagerly in PyTorch rather than building its C++
+# extension (see choose_fake_quantize_kernels).
+COMPILED_KERNELS_MIN_STEPS = 1000
 TORCHSCRIPT_MAX_OPSET = 20  # torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET in torch 2.13
 MIN_QDQ_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
+
+
+@functools.cache
+def _eager_fake_quantize() -> SimpleNamespace:
+    """NNCF's PyTorch reference fake-quantize functions, run eagerly (NNCF itself wraps them in torch.compile)."""
+    from nncf.torch.quantization.reference import torch_executor
+
+    return SimpleNamespace(Quantize_forward=torch_executor.forward, Quantize_backward=torch_executor.backward)
+
+
+def choose_fake_quantize_kernels(steps: int) -> str:
+    """Choose what runs NNCF's CPU fake-quantize ops for a QAT of `steps` optimizer steps; returns a note saying what.
+
+    NNCF builds a C++ extension for them with the system compiler on first use in each Python environment (35 s
+    on this project's 2-core machine, 77 s in a fresh CI environment; NNCF gives up after 60 s by default). The
+    PyTorch reference functions it falls back on need no build: measured side by side (5 alternating rounds, batch
+    16 at 32x32, 2 threads), a training step took 8-14 % longer with them (ResNet-18 1.14x, range 1.11-1.19;
+    MobileNetV2 1.08x, 1.06-1.10), so below about a thousand steps the build costs more than it saves. NNCF's own
+    fallback wraps them in torch.compile, whose compilations for a small QAT took longer than the extension's
+    build here: they run eagerly. An extension already loaded in this process is used whatever the size. NNCF's
+    loader is a private detail: if it has changed, NNCF's own choice stands.
+    """
+    from nncf.torch.quantization.extensions import QuantizedFunctionsCPU
+
+    if not hasattr(QuantizedFunctionsCPU, "_loaded_namespace"):
+        return "fake-quantize ops: NNCF's own choice (its extension loader has changed)"
+    loaded = QuantizedFunctionsCPU._loaded_namespace
+    if loaded is not None and loaded is not _eager_fake_quantize():
+        return "fake-quantize ops: NNCF's C++ extension (already loaded in this process)"
+    if steps < COMPILED_KERNELS_MIN_STEPS:
+        QuantizedFunctionsCPU._loaded_namespace = _eager_fake_quantize()
+        return (f"fake-quantize ops: NNCF's PyTorch reference functions, eager ({steps} steps < "
+                f"{COMPILED_KERNELS_MIN_STEPS}: building its C++ extension would cost more than it saves)")
+    QuantizedFunctionsCPU._loaded_namespace = None  # NNCF builds (or loads its cached build of) the extension
+    return (f"fake-quantize ops: NNCF's C++ extension ({steps} steps >= {COMPILED_KERNELS_MIN_STEPS}; built on "
+            "first use in this environment)")
 
 
 @dataclass
@@ -511,6 +552,7 @@ def qat_finetune(
     notes.append(f"folded {folded} Conv+BatchNorm pair(s) before QAT" if why is None else
                  f"BatchNorm not folded (model not traceable by torch.fx: {why}); ONNX Runtime will run the convs "
                  "that feed a BatchNorm in float")
+    notes.append(choose_fake_quantize_kernels(epochs * -(-_n(train_x) // batch_size)))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         t0 = time.perf_counter()

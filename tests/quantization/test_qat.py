@@ -12,7 +12,14 @@ import torch
 
 from edgeq.core.errors import GateError, SpecError
 from edgeq.core.specs import Thresholds
-from edgeq.quantization.qat import ENGINE, QATResult, check_export_parity, qat_finetune
+from edgeq.quantization.qat import (
+    COMPILED_KERNELS_MIN_STEPS,
+    ENGINE,
+    QATResult,
+    check_export_parity,
+    choose_fake_quantize_kernels,
+    qat_finetune,
+)
 from tests.conftest import SMALL_WEIGHTS
 
 INPUT, OUTPUT = "input", "logits"
@@ -94,7 +101,30 @@ def test_result_records_epochs_parity_and_leaves_the_fp32_model_alone(qat_run):
     # weights|) is ~0.11, the tolerance ~0.34
     assert 0.0 < result.parity_max_abs < 0.1
     assert any("export parity" in n for n in result.notes)
+    # a short QAT builds no C++ extension: NNCF's fake-quantize ops ran as PyTorch code
+    assert any(n.startswith("fake-quantize ops: NNCF's PyTorch reference functions, eager") for n in result.notes)
     assert unchanged, "qat_finetune modified the caller's FP32 model"
+
+
+def test_a_long_qat_lets_nncf_build_its_extension_and_a_short_one_runs_its_reference_functions():
+    from nncf.torch.quantization.extensions import QuantizedFunctionsCPU
+
+    before = QuantizedFunctionsCPU._loaded_namespace
+    try:
+        note = choose_fake_quantize_kernels(COMPILED_KERNELS_MIN_STEPS)
+        assert "C++ extension" in note and QuantizedFunctionsCPU._loaded_namespace is None  # NNCF loads it on use
+        note = choose_fake_quantize_kernels(COMPILED_KERNELS_MIN_STEPS - 1)
+        assert "reference functions, eager" in note and f"{COMPILED_KERNELS_MIN_STEPS - 1} steps" in note
+        x, low, rng = torch.linspace(-2, 2, 101), torch.tensor([-1.0]), torch.tensor([2.0])
+        y = QuantizedFunctionsCPU.get("Quantize_forward")(x, low, rng, 256).numpy()  # what NNCF's ops call
+        step = 2.0 / 255  # 256 levels over [-1, 1] (NNCF shifts the grid by < 1 step so that 0 is on it)
+        levels = np.round(y / step)
+        np.testing.assert_allclose(y, levels * step, atol=1e-5)  # on the grid
+        inside = np.abs(x.numpy()) <= 1
+        assert np.abs(y - x.numpy())[inside].max() <= step and np.abs(y).max() <= 1 + step  # rounded, clamped
+        assert 0 in levels and len(np.unique(levels)) == inside.sum()  # one level per input inside
+    finally:
+        QuantizedFunctionsCPU._loaded_namespace = before
 
 
 def test_onnx_is_qdq_int8_with_dynamic_batch_and_runs_in_openvino(qat_run, demo_root):
