@@ -218,3 +218,23 @@ def task_run_objects(flow_run_id: str) -> list:
 
     with get_client(sync_client=True) as client:
         return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def settled_task_runs(flow_run_id: str, settle_s: float = 20.0) -> list:
+    """The task runs of a finished flow run, once each has a final state recorded (or after `settle_s`).
+
+    Task runs report their states to the API asynchronously (as events), so right after the flow returns a few may
+    still read "Running", or have no state recorded yet (seen in CI): wait, boundedly, until none does.
+    """
+    deadline = time.monotonic() + settle_s
+    while True:
+        runs = task_run_objects(flow_run_id)
+        if all(r.state and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.5)
+
+
+def settled_task_states(flow_run_id: str, settle_s: float = 20.0) -> list[tuple[str, str]]:
+    """(task run name, state name) of every task run of a finished flow run, sorted; "Pending" where the API has
+    recorded no state even after `settle_s`."""
+    return sorted((r.name, r.state.name if r.state else "Pending") for r in settled_task_runs(flow_run_id, settle_s))

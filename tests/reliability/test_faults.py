@@ -15,8 +15,9 @@ from tests.reliability.rel_helpers import (
     copy_store,
     fast_config,
     seed,
+    settled_task_runs,
+    settled_task_states,
     snapshot,
-    task_run_objects,
     verify_store,
 )
 
@@ -37,7 +38,7 @@ def test_device_busy_for_its_first_calls_succeeds_through_retries(prefect_server
     assert state.is_completed(), state.message
     board = next(r for r in state.result().reports if r.target == "board")
     assert board.status == "compiled", board.reason
-    runs = {r.name: r for r in task_run_objects(str(state.state_details.flow_run_id))}
+    runs = {r.name: r for r in settled_task_runs(str(state.state_details.flow_run_id))}
     assert runs["compile-check-board"].run_count == 3  # two transient failures, then success
     assert runs["compile-check-board"].state.name == "Completed"
     assert runs["compile-check-ort-cpu"].run_count == 1
@@ -59,7 +60,7 @@ def test_device_that_stays_busy_fails_the_run_after_retries_and_publishes_nothin
     with pytest.raises(Exception, match=r"device command .*flaky_device.py.* reported a transient failure: "
                                         r"device busy \(call 3\)"):
         state.result()
-    runs = {r.name: r for r in task_run_objects(str(state.state_details.flow_run_id))}
+    runs = {r.name: r for r in settled_task_runs(str(state.state_details.flow_run_id))}
     assert runs["compile-check-board"].run_count == 3 and runs["compile-check-board"].state.name == "Failed"
     assert not any(name.startswith(("quantize", "publish")) for name in runs), sorted(runs)
     assert not (store / "bundles").exists()
@@ -92,7 +93,7 @@ def test_tampered_fp32_onnx_is_refused_by_the_pipeline_naming_the_file(prefect_s
                                         r"after it was written: sha256 .* != recorded .*refusing to use it"):
         state.result()
     assert not (store / "bundles").exists()
-    runs = {r.name: r.state.name for r in task_run_objects(str(state.state_details.flow_run_id))}
+    runs = dict(settled_task_states(str(state.state_details.flow_run_id)))
     assert runs["compile-check-ort-cpu"] == "Failed", runs  # the first task that reads the file refuses it
     assert not any(name.startswith(("quantize", "validate", "publish")) for name in runs), runs
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 from tests.reliability.rel_helpers import (
     FAST_TARGETS,
@@ -14,7 +13,7 @@ from tests.reliability.rel_helpers import (
     fast_config,
     narrow_weights,
     seed,
-    task_run_objects,
+    settled_task_states,
 )
 
 FANOUT_SCRIPT = """
@@ -35,18 +34,9 @@ def _configs(tmp_path, demo_root, store):
                             model={"kwargs": {"width": 8, "num_classes": 10}, "weights": str(weights)}))]
 
 
-def _states(flow_run_id: str, settle_s: float = 20.0) -> list[str]:
-    """Every task run's final state name (task run names repeat across models, so a list, not a dict).
-
-    Task runs report their states to the API asynchronously (as events), so right after the flow returns a few
-    may still read "Running": wait, boundedly, until none is.
-    """
-    deadline = time.monotonic() + settle_s
-    while True:
-        names = sorted(r.state.name for r in task_run_objects(flow_run_id))
-        if "Running" not in names and "Pending" not in names or time.monotonic() > deadline:
-            return names
-        time.sleep(0.5)
+def _states(flow_run_id: str) -> list[str]:
+    """Every task run's final state name (task run names repeat across models, so a list, not a dict)."""
+    return sorted(state for _, state in settled_task_states(flow_run_id))
 
 
 def _comparable(rows):

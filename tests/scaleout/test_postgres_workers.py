@@ -176,7 +176,7 @@ def task_states(task_runs) -> dict[str, str]:
     """Task run name -> state name, for one flow run (whose task run names are unique: one per stage and target)."""
     names = [t.name for t in task_runs]
     assert len(names) == len(set(names)), f"a task ran twice: {sorted(names)}"
-    return {t.name: t.state.name for t in task_runs}
+    return {t.name: t.state.name if t.state else "no state recorded" for t in task_runs}
 
 
 def of(states: dict[str, str], prefix: str) -> list[str]:
