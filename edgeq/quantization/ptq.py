@@ -59,6 +59,9 @@ class PTQSettings(BaseModel):
     # transformer: ORT quantizes MatMul/Gemm only and NNCF runs with model_type TRANSFORMER (SmoothQuant); both keep
     # LayerNormalization, Softmax, GELU/Erf and the embedding Gathers in FP32
     profile: Profile = "default"
+    # NNCF's SmoothQuant alpha for MatMul in the transformer profile (None: NNCF's default, 0.95): how much of the
+    # activations' outlier range moves into the weights before both are quantized
+    smooth_quant_alpha: float | None = None
 
     @classmethod
     def from_spec(cls, spec: QuantizationSpec | None = None, types: Int8Types = "u8s8",
@@ -78,6 +81,8 @@ class PTQSettings(BaseModel):
             rec["profile"] = self.profile
             if self.engine == "nncf":
                 rec["model_type"] = "transformer"
+                if self.smooth_quant_alpha is not None:
+                    rec["smooth_quant_alpha"] = self.smooth_quant_alpha
         return rec
 
     @property
@@ -98,7 +103,8 @@ class PTQSettings(BaseModel):
             extra = f", depthwise convs FP32{extra}"
         if self.engine == "nncf":
             if self.profile == "transformer":
-                return f"nncf PTQ transformer (model_type TRANSFORMER, SmoothQuant){extra}"
+                alpha = "" if self.smooth_quant_alpha is None else f" alpha {self.smooth_quant_alpha}"
+                return f"nncf PTQ transformer (model_type TRANSFORMER, SmoothQuant{alpha}){extra}"
             return f"nncf PTQ (bias correction){extra}"
         rr = " reduce-range" if self.reduce_range else ""
         per = " per-channel" if self.spec.per_channel else " per-tensor"
@@ -245,20 +251,26 @@ def quantize_onnxruntime(src: Path, dst: Path, data: CalibrationReader, s: PTQSe
 def quantize_nncf(src: Path, dst: Path, data: CalibrationReader, s: PTQSettings,
                   notes: list[str] | None = None) -> Path:
     nncf = import_nncf()  # seconds to import, and only this engine needs it
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+    from nncf.quantization.advanced_parameters import (
+        AdvancedQuantizationParameters,
+        AdvancedSmoothQuantParameters,
+        OverflowFix,
+    )
 
     model = onnx.load(str(src))
     ignored = None
     names = list(s.keep_fp32_nodes) + profile_fp32_nodes(model, s.profile)
     if names or s.fp32_op_types:
         ignored = nncf.IgnoredScope(names=names, types=s.fp32_op_types, validate=False)
+    smooth = {} if s.smooth_quant_alpha is None else {
+        "smooth_quant_alphas": AdvancedSmoothQuantParameters(matmul=s.smooth_quant_alpha)}
     with muted_output(stderr=True):
         q = nncf.quantize(model, data.as_nncf_dataset(), subset_size=len(data), ignored_scope=ignored,
                           preset=nncf.QuantizationPreset.MIXED if s.types == "u8s8" else nncf.QuantizationPreset.PERFORMANCE,
                           model_type=nncf.ModelType.TRANSFORMER if s.profile == "transformer" else None,
                           # NNCF's answer to the same saturation: half the weight range on every layer, not only the first
                           advanced_parameters=AdvancedQuantizationParameters(
-                              overflow_fix=OverflowFix.ENABLE if s.reduce_range else OverflowFix.FIRST_LAYER))
+                              overflow_fix=OverflowFix.ENABLE if s.reduce_range else OverflowFix.FIRST_LAYER, **smooth))
     moved = hoist_transposes_above_qdq(q)
     if moved and notes is not None:
         notes.append(f"moved {moved} Transpose/Reshape node(s) from after a per-tensor DequantizeLinear to before "

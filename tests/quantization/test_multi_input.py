@@ -26,6 +26,7 @@ from edgeq.quantization.escalate import (
     ptq_variants,
     qat,
     run_quantization,
+    smooth_quant_sweep,
 )
 from edgeq.quantization.policy import decide
 from edgeq.quantization.ptq import PTQSettings, attention_nodes, hoist_transposes_above_qdq, quantize
@@ -203,12 +204,13 @@ def test_the_ladder_tries_the_transformer_rung_before_qat_and_a_fixed_sla_still_
     model = TinyEncoder()
     auto = decide(model, "cosine", "auto", "flexible", ["/MatMul", "/Softmax"])
     assert auto.start == "qat" and auto.ptq_first == "transformer" and auto.attention_graph
-    assert build_ladder(auto, True) == [ptq_transformer, qat, ptq_base, ptq_variants, keep_sensitive_fp32]
-    assert build_ladder(auto, False) == [ptq_transformer, ptq_base, ptq_variants, keep_sensitive_fp32]
+    sweep = [ptq_transformer, smooth_quant_sweep]  # transformer-aware PTQ, then NNCF's SmoothQuant alphas
+    assert build_ladder(auto, True) == sweep + [qat, ptq_base, ptq_variants, keep_sensitive_fp32]
+    assert build_ladder(auto, False) == sweep + [ptq_base, ptq_variants, keep_sensitive_fp32]
     fixed = decide(model, "cosine", "auto", "fixed", ["/MatMul"])
     assert build_ladder(fixed, True) == [qat] and fixed.start == "qat"
     pinned = decide(model, "cosine", "ptq", "flexible", ["/MatMul"])
-    assert build_ladder(pinned, True) == [ptq_transformer, ptq_base, ptq_variants, keep_sensitive_fp32]
+    assert build_ladder(pinned, True) == sweep + [ptq_base, ptq_variants, keep_sensitive_fp32]
     embedder = decide(model, "cosine", "auto", "flexible", [])  # cosine scoring, no attention in the graph
     assert embedder.start == "qat" and build_ladder(embedder, True)[:2] == [ptq_base, qat]
 
@@ -350,6 +352,32 @@ def test_qat_without_labels_distils_the_fp32_encoder_feeding_both_inputs(encoder
     got = run_onnx(res.onnx_path, val, outputs=["embedding"])["embedding"]
     ref = run_onnx(encoder["fp32"], val, outputs=["embedding"])["embedding"]
     assert cosine(got, None, ref).mean() > 0.95  # plumbing, not accuracy: 1 epoch on 64 sequences measured 0.988
+
+
+def test_a_missed_sla_on_an_attention_graph_sweeps_smoothquant_alpha_before_the_other_rungs(encoder):
+    """An SLA nothing meets (a cosine drop of at most 1e-9): after the transformer rung, NNCF's transformer PTQ runs
+    again at each SmoothQuant alpha of SMOOTH_QUANT_ALPHAS, each a row of its own; the alpha reaches NNCF (each
+    one scores differently); then the rest of the ladder, and the run refuses with the table."""
+    from edgeq.core.errors import GateError
+    from edgeq.quantization.escalate import SMOOTH_QUANT_ALPHAS
+
+    cfg = encoder["cfg"]
+    cfg = cfg.model_copy(update={
+        "quantization": cfg.quantization.model_copy(update={"mode": "ptq", "max_sensitive_fp32": 0}),
+        "thresholds": cfg.thresholds.model_copy(update={"int8_max_drop": 1e-9})})
+    with pytest.raises(GateError, match="no INT8 attempt met the SLA") as err:
+        run_quantization(cfg, encoder["fp32"], encoder["model"], encoder["calib"].head(32), "v-test",
+                         encoder["val"], None, encoder["folder"] / "sweep-out", encoder["opset"])
+    rep = err.value.report
+    nncf_transformer = [a for a in rep.attempts if a.settings.get("model_type") == "transformer"]
+    assert [a.settings.get("smooth_quant_alpha") for a in nncf_transformer] == [None, *SMOOTH_QUANT_ALPHAS]
+    assert [a.index for a in nncf_transformer] == [1, 2, 3, 4], rep.attempts_table()  # right after the transformer rung
+    assert all(not a.error and a.metric is not None for a in nncf_transformer), rep.attempts_table()
+    assert len({a.metric for a in nncf_transformer}) == len(nncf_transformer), [a.metric for a in nncf_transformer]
+    assert f"SmoothQuant alpha {SMOOTH_QUANT_ALPHAS[-1]}" in nncf_transformer[-1].label
+    assert f"SmoothQuant alpha {SMOOTH_QUANT_ALPHAS[-1]}" in str(err.value)  # the table the user reads
+    assert rep.attempts[5].settings.get("profile", "default") == "default"  # then the other PTQ rungs
+    assert not (encoder["folder"] / "sweep-out").exists()  # a refused run writes no model
 
 
 def test_mode_qat_on_the_encoder_distils_without_labels_through_the_ladder(encoder):
