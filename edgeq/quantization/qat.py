@@ -87,10 +87,11 @@ def choose_fake_quantize_kernels(steps: int) -> str:
     """Choose what runs NNCF's CPU fake-quantize ops for a QAT of `steps` optimizer steps; returns a note saying what.
 
     NNCF builds a C++ extension for them with the system compiler on first use in each Python environment (35 s
-    on this project's 2-core machine, 77 s in a fresh CI environment; NNCF gives up after 60 s by default). The
+    on a 2-core AVX2 machine, 77 s in a fresh CI environment there; NNCF gives up after 60 s by default). The
     PyTorch reference functions it falls back on need no build: measured side by side (5 alternating rounds, batch
     16 at 32x32, 2 threads), a training step took 8-14 % longer with them (ResNet-18 1.14x, range 1.11-1.19;
-    MobileNetV2 1.08x, 1.06-1.10), so below about a thousand steps the build costs more than it saves. NNCF's own
+    MobileNetV2 1.08x, 1.06-1.10), so the build paid for itself after about 550 (ResNet-18) to 1400 (MobileNetV2)
+    steps: below a thousand, no build. NNCF's own
     fallback wraps them in torch.compile, whose compilations for a small QAT took longer than the extension's
     build here: they run eagerly. An extension already loaded in this process is used whatever the size. NNCF's
     loader is a private detail: if it has changed, NNCF's own choice stands.
@@ -101,7 +102,7 @@ def choose_fake_quantize_kernels(steps: int) -> str:
         return "fake-quantize ops: NNCF's own choice (its extension loader has changed)"
     loaded = QuantizedFunctionsCPU._loaded_namespace
     if loaded is not None and loaded is not _eager_fake_quantize():
-        return "fake-quantize ops: NNCF's C++ extension (already loaded in this process)"
+        return "fake-quantize ops: the functions NNCF already loaded in this process"
     if steps < COMPILED_KERNELS_MIN_STEPS:
         QuantizedFunctionsCPU._loaded_namespace = _eager_fake_quantize()
         return (f"fake-quantize ops: NNCF's PyTorch reference functions, eager ({steps} steps < "
