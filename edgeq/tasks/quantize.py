@@ -19,7 +19,7 @@ from edgeq.core.errors import GateError, SpecError
 from edgeq.core.modeling import build_model
 from edgeq.core.specs import EdgeqConfig, PTQMethod
 from edgeq.core.store import ArtifactRef, ArtifactStore, sha256_file
-from edgeq.quantization.escalate import QuantizationReport, format_attempts, run_quantization
+from edgeq.quantization.escalate import SMOOTH_QUANT_ALPHAS, QuantizationReport, format_attempts, run_quantization
 from edgeq.quantization.explain import ARTIFACT_KEY, kernel_table
 from edgeq.tasks.artifacts import UIProgress, display_rows
 from edgeq.tasks.caching import code_fingerprint, content_key, retry_transient, split_fingerprint
@@ -161,7 +161,8 @@ def most_attempts(cfg: EdgeqConfig) -> int:
     # the base settings, the other calibration methods, the other engine, up to max_sensitive_fp32 layers in FP32
     ptq = 1 + (len(get_args(PTQMethod)) - 1) + 1 + q.max_sensitive_fp32 + 1  # ... and the speed remedy
     if any(not i.is_float for i in cfg.model.inputs) or cfg.model.metric == "cosine":
-        ptq += 2  # likely an attention model: the transformer PTQ rung (ONNX Runtime, NNCF)
+        # likely an attention model: the transformer PTQ rung (ONNX Runtime, NNCF), then NNCF's SmoothQuant alphas
+        ptq += 2 + len(SMOOTH_QUANT_ALPHAS)
     if q.mode == "qat" or q.sla == "fixed":
         return 1
     # an INT8 model per target: at most one more attempt per other target (its runtime's own quantizer)

@@ -378,6 +378,9 @@ def test_a_missed_sla_on_an_attention_graph_sweeps_smoothquant_alpha_before_the_
     assert f"SmoothQuant alpha {SMOOTH_QUANT_ALPHAS[-1]}" in str(err.value)  # the table the user reads
     assert rep.attempts[5].settings.get("profile", "default") == "default"  # then the other PTQ rungs
     assert not (encoder["folder"] / "sweep-out").exists()  # a refused run writes no model
+    from edgeq.tasks.quantize import most_attempts
+
+    assert len(rep.attempts) <= most_attempts(cfg), rep.attempts_table()  # the progress bar's "at most" holds
 
 
 def test_an_outlier_embedding_channel_is_rescued_by_a_lower_smoothquant_alpha_and_the_climb_stops_there(tmp_path):
