@@ -160,6 +160,13 @@ def batch1_feeds(sample: Mapping[str, np.ndarray] | np.ndarray, input_name: str 
     return {input_name: np.ascontiguousarray(sample[None].astype(np.float32))}
 
 
+def _brief(exc: Exception, limit: int = 300) -> str:
+    """An exception on one line, at most `limit` characters: its start and its end (where a runtime names the op it
+    could not convert, after pages of its own source locations)."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else f"{text[:limit // 3]} … {text[-(2 * limit // 3):]}"
+
+
 def measure_latency(path: Path, targets: list[TargetSpec], sample: Mapping[str, np.ndarray] | np.ndarray,
                     input_name: str | None = None, iters: int = 100) -> list[Latency]:
     """Batch-1 latency of the model at `path` (in `int8_ms`) on every target whose runtime is here; a target
@@ -177,7 +184,7 @@ def measure_latency(path: Path, targets: list[TargetSpec], sample: Mapping[str, 
                 rep = benchmark(runner, feeds, warmup=max(5, iters // 10), iters=iters)
             out.append(Latency(target=t.name, int8_ms=rep.median_ms, precision=rep.precision))
         except Exception as exc:  # noqa: BLE001 - a target that cannot run this model is a row, not a crash
-            out.append(Latency(target=t.name, error=f"{type(exc).__name__}: {exc}"[:300]))
+            out.append(Latency(target=t.name, error=_brief(exc)))
     return out
 
 
@@ -288,7 +295,7 @@ def evaluate(ctx: Escalation, kind: str, label: str, settings: dict[str, Any],
     except SpecError:
         raise
     except Exception as exc:  # noqa: BLE001 - a failed attempt is a row in the table
-        a.error = f"{type(exc).__name__}: {exc}"[:400]
+        a.error = _brief(exc, 400)
     a.seconds = time.perf_counter() - t0
     ctx.attempts.append(a)
     ctx.log(f"attempt {a.index} {label}: {metric}={a.metric if a.metric is None else round(a.metric, 4)} "
@@ -460,13 +467,6 @@ def tied_attempts(attempts: list[Attempt], max_drop: float = 0.0) -> list[Attemp
     return [a for a in passing if round(a.metric, 6) >= best - TIE_SHARE_OF_SLA * max_drop - 1e-12]
 
 
-def _brief(exc: Exception, limit: int = 300) -> str:
-    """An exception on one line, at most `limit` characters: its start and its end (where a runtime names the op it
-    could not convert, after pages of its own source locations)."""
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    return text if len(text) <= limit else f"{text[:limit // 3]} … {text[-(2 * limit // 3):]}"
-
-
 def time_on(attempts: list[Attempt], target: TargetSpec, feeds: dict[str, np.ndarray], rounds: int,
             iters: int, fp32_onnx: Path | None = None) -> tuple[dict[int, float], dict[int, str], float | None]:
     """Side-by-side medians of `attempts` on `target` (every one loaded, rounds in rotating order), why each one the
@@ -582,7 +582,7 @@ def side_by_side(fp32_onnx: Path, int8_onnx: Path, target: TargetSpec, feeds: di
             paired = paired_benchmark(rf, ri, feeds, rounds=rounds, iters=iters)
             precision = ri.precision
     except Exception as exc:  # noqa: BLE001 - the verdict then says it could not measure
-        return Latency(target=target.name, error=f"{type(exc).__name__}: {exc}"[:300])
+        return Latency(target=target.name, error=_brief(exc))
     return Latency(target=target.name, fp32_ms=paired.a_median, int8_ms=paired.b_median, precision=precision,
                    round_ratios=[round(r, 4) for r in paired.ratios])
 
