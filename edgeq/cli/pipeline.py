@@ -55,6 +55,13 @@ def speed_text(note: str) -> str:
     return "\n".join([f"speed: {verdict}"] + [f"  {w}" for w in why])
 
 
+def print_forms_note(note: str) -> None:
+    """What each target's INT8 model is and why (quantization.target_forms); nothing when every target shares one."""
+    if note:
+        console.print("\n".join(["INT8 model per target:"] + [f"  {line}" for line in note.split("\n")]),
+                      highlight=False, soft_wrap=True)
+
+
 def convert(
     config: Path = typer.Argument(..., help="edgeq YAML config"),
     calibration: str = typer.Option("latest", "--calibration", "-c", help="approved calibration version id"),
@@ -66,10 +73,7 @@ def convert(
     manifest = run_flow(convert_model, ConvertParams(config=str(config), calibration=calibration, mode=mode))
     print_four_way(manifest)
     console.print(speed_text(manifest["speed"]), highlight=False, soft_wrap=True)
-    if manifest.get("target_forms_note"):
-        console.print("\n".join(["INT8 model per target:"] + [f"  {line}" for line in
-                                                                manifest["target_forms_note"].split("\n")]),
-                      highlight=False, soft_wrap=True)
+    print_forms_note(manifest.get("target_forms_note", ""))
     console.print(f"[green]published[/] {manifest['bundle_id']} at {manifest['uri']}", soft_wrap=True)
 
 
@@ -116,6 +120,5 @@ def quantize(
     console.print(f"INT8 model: {result.int8.uri}")
     for name, ref in result.forms.items():
         console.print(f"INT8 model for {name}: {ref.uri} ({rep.target_forms[name].reason})", soft_wrap=True)
-    if rep.forms_note:
-        console.print("\n".join(["INT8 model per target:"] + [f"  {line}" for line in rep.forms_note.split("\n")]),
-                      highlight=False, soft_wrap=True)
+    print_forms_note(rep.forms_note)
+

@@ -24,7 +24,8 @@ def run_quantize_stage(cfg, export_result, calibration: str | None = None) -> Qu
     version = approved_version_id(cfg, calibration)
     store = ArtifactStore(cfg.store_url)
     result, cached = call_cached(on_store(quantize_task, cfg.store_url), cfg, export_result.onnx, version,
-                                 export_result.report.opset, gone=lambda r: not all(store.exists(x) for x in (r.int8, *r.forms.values())))
+                                 export_result.report.opset,
+                                 gone=lambda r: not all(store.exists(x) for x in (r.int8, *r.forms.values())))
     if not cached:
         publish_quantization(result.report)
     return result
