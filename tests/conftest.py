@@ -176,23 +176,23 @@ def pytest_terminal_summary(terminalreporter):
 # --dist loadfile, each module's fixtures built once); a long module that starts last would run alone at the end.
 # xdist hands out modules in collection order only with --no-loadscope-reorder (the Makefile passes it): by default
 # it reorders them by their number of tests, and the PostgreSQL module (4 tests, 5 minutes) then started last.
-# Ordered by measured time (a full run on 2 CPUs, seconds per module in brackets).
+# Ordered by measured time (a full run on 2 CPUs, seconds per module in the comments).
 LONG_MODULES_FIRST = (
-    "tests/scaleout/test_postgres_workers.py",  # 326
-    "tests/deployments/test_deployments.py",  # 197
-    "tests/quantization/test_multi_input.py",  # 101, the NNCF extension's first build included
-    "tests/reliability/test_bad_input_catalogue.py",  # 97
-    "tests/reliability/test_crash_and_concurrency.py",  # 85
-    "tests/test_text_demo_pipeline.py",  # 69
-    "tests/reliability/test_scale_out.py",  # 52
-    "tests/backends/test_backend_template.py",  # 51
-    "tests/quantization/test_escalation.py",  # 51
-    "tests/reliability/test_faults.py",  # 37
-    "tests/test_convert_flow.py",  # 37
-    "tests/test_validate.py",  # 34
-    "tests/test_demo_text.py",  # 33
-    "tests/calibration/test_calibration_flow.py",  # 30
-    "tests/test_cli.py",  # 29
+    "tests/scaleout/test_postgres_workers.py",  # 327
+    "tests/deployments/test_deployments.py",  # 237
+    "tests/reliability/test_crash_and_concurrency.py",  # 112
+    "tests/test_text_demo_pipeline.py",  # 79
+    "tests/test_convert_flow.py",  # 57
+    "tests/reliability/test_scale_out.py",  # 54
+    "tests/reliability/test_bad_input_catalogue.py",  # 44
+    "tests/quantization/test_escalation.py",  # 44
+    "tests/quantization/test_multi_input.py",  # 40 with the SmoothQuant tests (21 before them)
+    "tests/test_validate.py",  # 37
+    "tests/reliability/test_faults.py",  # 36
+    "tests/test_demo_text.py",  # 31
+    "tests/calibration/test_calibration_flow.py",  # 26
+    "tests/test_cli.py",  # 25
+    "tests/test_demo.py",  # 22
 )
 
 
