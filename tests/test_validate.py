@@ -217,6 +217,35 @@ def test_the_device_tolerance_is_read_from_the_int8_graph(setup):
     assert g.tolerance == pytest.approx(3 * step.step) and step.source in g.tolerance_source
 
 
+def test_the_output_step_of_a_float_head_on_a_quantized_input_uses_its_float_weights():
+    """A head whose weight the quantizer left in float (one computed in forward(), folded by the exporter into a
+    Div of two constants): the step is the input's DequantizeLinear scale x the largest sum of |weights| over one
+    output, as for INT8 weights. Without a quantized input there is still no step."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.array([[1.0, -2.0, 0.5, 4.0], [3.0, 3.0, -3.0, 0.0], [0.1, 0.2, 0.3, 0.4]], np.float32)
+    inits = [numpy_helper.from_array(np.float32(0.5), "s"), numpy_helper.from_array(np.uint8(0), "zp"),
+             numpy_helper.from_array(w * 4, "w_raw"), numpy_helper.from_array(np.float32(4.0), "four"),
+             numpy_helper.from_array(np.zeros(3, np.float32), "bias")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"]),
+             helper.make_node("Div", ["w_raw", "four"], ["w"]),
+             helper.make_node("Gemm", ["xd", "w", "bias"], ["logits"], transB=1, name="head")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    step = output_step(model, "logits")
+    assert step.step == pytest.approx(0.5 * 9.0)  # the second row: |3| + |3| + |-3| + |0|
+    assert "Gemm 'head' computes the output in float from float weights" in step.source
+    assert "(9)" in step.source
+
+    nodes[1] = helper.make_node("Identity", ["x"], ["xd"])  # the input no longer quantized
+    graph = helper.make_graph(nodes[1:], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])], inits)
+    fp32 = output_step(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), "logits")
+    assert fp32.step is None and "computed in float by Gemm 'head'" in fp32.source
+
+
 def test_remote_device_runner_that_agrees_passes(setup):
     rep = _validate(setup, cfg=_with_device(setup))
     assert rep.device_target == "board" and rep.passed

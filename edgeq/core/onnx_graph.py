@@ -315,14 +315,25 @@ class _QDQGraph:
             return None
         return self.value(node.output[0])
 
+    def weights(self, name: str) -> tuple[np.ndarray | None, str]:
+        """The constant weights behind `name`: dequantized INT8 ones, else float constants (a weight the quantizer
+        left in float, e.g. one computed in forward() from parameters, which the exporter folds); and which."""
+        w = self.int8_weights(name)
+        if w is not None:
+            return w, "INT8"
+        w = self.value(name)
+        return (w, "float") if w is not None and np.issubdtype(w.dtype, np.floating) else (None, "")
+
     def linear_step(self, node) -> tuple[float | None, str]:
-        """A float Gemm/MatMul/Conv on a quantized activation and INT8 weights: the output's move when every
-        quantized input is one step off, the activation's scale x the largest sum of |weight| over one output."""
+        """A float Gemm/MatMul/Conv on a quantized activation and constant weights (INT8 or float): the output's move
+        when every quantized input is one step off, the activation's scale x the largest sum of |weight| over one
+        output."""
         if len(node.input) < 2:
             return None, ""
         attrs = {a.name: _attribute(a) for a in node.attribute}
         a, b = node.input[0], node.input[1]
-        wa, wb = self.int8_weights(a), self.int8_weights(b)
+        (wa, kind_a), (wb, kind_b) = self.weights(a), self.weights(b)
+        kind = kind_b or kind_a
         if wb is not None and wa is None:
             act, w = a, wb
             if node.op_type == "Conv":
@@ -343,7 +354,7 @@ class _QDQGraph:
         alpha = abs(float(attrs.get("alpha", 1.0))) if node.op_type == "Gemm" else 1.0
         l1 = float(np.abs(w.astype(np.float64)).sum(axis=axes).max()) * alpha
         via = f" through {', '.join(reversed(passed))}" if passed else ""
-        return scale * l1, (f"{node.op_type} {node_label(node)!r} computes the output in float from INT8 weights: "
+        return scale * l1, (f"{node.op_type} {node_label(node)!r} computes the output in float from {kind} weights: "
                             f"input step {scale:.4g} (scale of DequantizeLinear {node_label(src)!r}{via}) x the "
                             f"largest sum of |weights| over one output ({l1:.4g}), i.e. every quantized input one "
                             "step off")
@@ -360,9 +371,10 @@ def output_step(model, output: str) -> OutputStep:
 
     - The output comes from a DequantizeLinear, directly or through ops that cannot widen a difference (Reshape,
       Relu, Softmax, a constant bias, ...): that DequantizeLinear's scale (the largest one, when per channel).
-    - It comes from a Gemm/MatMul/Conv run in float on a quantized activation and INT8 weights (a QAT export
-      quantizes the head's inputs, not its output): the activation's scale x the largest sum of |weights| over
-      one output, how far an output moves when every quantized input is one step off. The accumulator's own
+    - It comes from a Gemm/MatMul/Conv run in float on a quantized activation and constant weights, INT8 or float
+      (a QAT export quantizes the head's inputs, not its output; a weight computed in forward() stays float): the
+      activation's scale x the largest sum of |weights| over one output, how far an output moves when every
+      quantized input is one step off. The accumulator's own
       step (activation scale x weight scale) is no tolerance unit: one rounding step of a single input already
       moves the output by up to 127 of those (the largest INT8 weight).
     - Otherwise no step (`step` None), and the reason.

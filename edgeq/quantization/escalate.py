@@ -397,6 +397,7 @@ def qat(ctx: Escalation) -> list[Attempt]:
     train_x, train_y = ctx.train
     distill, loss_name = qat_loss_for(ctx.cfg.model.metric, train_y is not None, q.qat_loss)
     spec = ctx.cfg.model
+    notes: list[str] = []
 
     def build(path: Path) -> dict[str, Any]:
         threads = torch.get_num_threads()
@@ -410,11 +411,12 @@ def qat(ctx: Escalation) -> list[Attempt]:
                                classifier=spec.metric == "top1")
         finally:
             torch.set_num_threads(threads)
+        notes.extend(res.notes)  # folding, fake-quant kernels, range init, fine-tuning, the export parity check
         return {"engine": res.engine, "export_parity_max_abs": res.parity_max_abs,
                 "export_top1_agreement": res.parity_top1_agreement, "epochs_log": res.epochs}
 
     settings = {"epochs": q.qat_epochs, "lr": q.qat_lr, "loss": loss_name}
-    return [evaluate(ctx, "qat", f"QAT {q.qat_epochs} epochs lr {q.qat_lr}", settings, build)]
+    return [evaluate(ctx, "qat", f"QAT {q.qat_epochs} epochs lr {q.qat_lr}", settings, build, notes)]
 
 
 # A new rung is a function above plus its entry here.
