@@ -28,10 +28,68 @@ os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(_SESSION_TMP / "prefect-
 os.environ.setdefault("PREFECT_HOME", str(_SESSION_TMP / "prefect-home"))
 
 from edgeq.core.quiet import quiet_environment  # noqa: E402
+from tests import prebuild  # noqa: E402
+from tests.prebuild import SMALL_WEIGHTS  # noqa: E402,F401 - re-exported: the tests import it from here
 
 quiet_environment()
 
 REPO = Path(__file__).resolve().parents[1]
+
+# --- The demos, built once for all workers. Each xdist worker used to build both (35 s and 21 s on its one CPU)
+# while the other built the same. The controller starts tests/prebuild.py for each, one per CPU, before the workers
+# start (they inherit EDGEQ_TEST_PREBUILT), so the builds overlap the workers' start and collection; a worker's
+# fixture waits for its .done file. Without xdist, or if a shared build fails, the fixture builds in its process.
+_PREBUILDS: list = []
+PREBUILD_TIMEOUT_S = 900
+
+
+def pytest_configure(config):
+    import subprocess
+    import sys
+
+    if _WORKER or os.environ.get("EDGEQ_TEST_PREBUILT") or not getattr(config.option, "numprocesses", None):
+        return
+    folder = _SESSION_TMP / "prebuilt"
+    folder.mkdir()
+    workers = int(config.option.numprocesses)
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    for i, kind in enumerate(("digits", "text")):
+        # On the CPUs and threads of worker gw{i} (the pinning at the top): a build that trains the same way as one
+        # in a worker gives the same weights (test_demo compares them).
+        share = cpus[i % workers::workers] if len(cpus) >= workers > 1 else cpus
+        env = {**os.environ, "OMP_NUM_THREADS": str(len(share))} if share else dict(os.environ)
+        with open(folder / f"{kind}.log", "wb") as log:
+            _PREBUILDS.append(subprocess.Popen(
+                [sys.executable, "-m", "tests.prebuild", kind, str(folder), ",".join(map(str, share))],
+                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+    os.environ["EDGEQ_TEST_PREBUILT"] = str(folder)
+
+
+def pytest_unconfigure(config):
+    for proc in _PREBUILDS:  # a run that needed no demo (-k, a single module) does not leave its build running
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def _prebuilt(kind: str) -> Path | None:
+    """The shared build of demo `kind` once it is done; None without one, or if it failed (its log says why)."""
+    import time
+
+    folder = os.environ.get("EDGEQ_TEST_PREBUILT")
+    if not folder:
+        return None
+    deadline = time.monotonic() + PREBUILD_TIMEOUT_S
+    while time.monotonic() < deadline:
+        done = Path(folder) / f"{kind}.done"
+        if done.is_file():
+            return Path(done.read_text())
+        if (Path(folder) / f"{kind}.failed").is_file():
+            return None
+        time.sleep(0.5)
+    return None
+
+
 DEMO_YAML = REPO / "digits-demo.yaml"
 
 
@@ -51,24 +109,15 @@ def prefect_server():
 
 @pytest.fixture(scope="session")
 def demo_root() -> Path:
-    """The demo data and weights, built once per session."""
-    import numpy as np
-    import safetensors.torch
-
-    from edgeq.demo import ensure_demo, train_digits_net
-
-    root = ensure_demo(_SESSION_TMP / "demo")
-    with np.load(root / "train.npz") as z:
-        small = train_digits_net(z["x"].astype(np.float32) / 255.0, z["y"], epochs=40, hidden=0)
-    safetensors.torch.save_file(small.state_dict(), root / SMALL_WEIGHTS)
-    return root
+    """The demo data and weights (the demo's model and the small one, SMALL_WEIGHTS): the build every worker shares
+    (tests/prebuild.py), else one built here."""
+    return _prebuilt("digits") or prebuild.build("digits", _SESSION_TMP / "demo")
 
 
 # The demo CNN without its wide head (model.kwargs.hidden 0), trained beside the demo: most tests run it, several
 # times faster to export, quantize and train than the demo's. Its INT8 model is slower than FP32 on a CPU (0.05 ms
 # a sample: the quantize/dequantize steps cost more than the integer kernels save), so its configs turn the speed
 # gate off; the demo's own model, with the gate on, runs in test_demo.py and test_convert_flow.py.
-SMALL_WEIGHTS = "digits_cnn_small.safetensors"
 
 
 def write_config(folder: Path, demo_root: Path, _source: Path = DEMO_YAML, _built: str = ".edgeq/demo",
@@ -99,9 +148,7 @@ def write_config(folder: Path, demo_root: Path, _source: Path = DEMO_YAML, _buil
 @pytest.fixture(scope="session")
 def text_demo_root() -> Path:
     """The text demo's data and trained encoder (edgeq.demo_text), built once per session."""
-    from edgeq.demo_text import ensure_text_demo
-
-    return ensure_text_demo(_SESSION_TMP / "text-demo")
+    return _prebuilt("text") or prebuild.build("text", _SESSION_TMP / "text-demo")
 
 
 def write_text_config(folder: Path, text_root: Path, **overrides) -> Path:
