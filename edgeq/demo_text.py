@@ -254,6 +254,14 @@ def _own(obj, modname: str) -> bool:
     return key == top or (top == "os" and key in ("posix", "nt"))
 
 
+def _patched_in(member) -> bool:
+    """Set on a standard-library class by a package outside the standard library (transformers adds
+    logging.Logger.warning_once when imported): the sentences would depend on what the process imported first."""
+    code = member.fget if isinstance(member, property) else member
+    owner = getattr(code, "__module__", None)
+    return isinstance(owner, str) and owner.split(".")[0] not in sys.stdlib_module_names
+
+
 def _module_docs(modname: str) -> list[str]:
     mod = importlib.import_module(modname)
     objs = [mod]
@@ -271,6 +279,8 @@ def _module_docs(modname: str) -> list[str]:
                     continue
                 if isinstance(member, (staticmethod, classmethod)):
                     member = member.__func__
+                if _patched_in(member):
+                    continue
                 if isinstance(member, property) or callable(member):
                     objs.append(member)
     out = []
