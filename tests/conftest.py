@@ -114,12 +114,6 @@ def demo_root() -> Path:
     return _prebuilt("digits") or prebuild.build("digits", _SESSION_TMP / "demo")
 
 
-# The demo CNN without its wide head (model.kwargs.hidden 0), trained beside the demo: most tests run it, several
-# times faster to export, quantize and train than the demo's. Its INT8 model is slower than FP32 on a CPU (0.05 ms
-# a sample: the quantize/dequantize steps cost more than the integer kernels save), so its configs turn the speed
-# gate off; the demo's own model, with the gate on, runs in test_demo.py and test_convert_flow.py.
-
-
 def write_config(folder: Path, demo_root: Path, _source: Path = DEMO_YAML, _built: str = ".edgeq/demo",
                  wide: bool = False, **overrides) -> Path:
     """A copy of a demo config (default: the digits demo's) in `folder`, pointing at the session's build of that

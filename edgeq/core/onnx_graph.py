@@ -374,9 +374,9 @@ def output_step(model, output: str) -> OutputStep:
     - It comes from a Gemm/MatMul/Conv run in float on a quantized activation and constant weights, INT8 or float
       (a QAT export quantizes the head's inputs, not its output; a weight computed in forward() stays float): the
       activation's scale x the largest sum of |weights| over one output, how far an output moves when every
-      quantized input is one step off. The accumulator's own
-      step (activation scale x weight scale) is no tolerance unit: one rounding step of a single input already
-      moves the output by up to 127 of those (the largest INT8 weight).
+      quantized input is one step off. The accumulator's own step (activation scale x weight scale) is no
+      tolerance unit: one rounding step of a single input already moves the output by up to 127 of those (the
+      largest INT8 weight).
     - Otherwise no step (`step` None), and the reason.
     """
     g = _QDQGraph(model)
