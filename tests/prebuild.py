@@ -2,9 +2,10 @@
 
     python -m tests.prebuild digits|text FOLDER CPUS
 
-Builds into FOLDER/<kind> on the CPUs listed in CPUS (comma-separated; empty: any), then writes FOLDER/<kind>.done (or <kind>.failed with
-the traceback). Every worker's session fixture waits for the .done file and uses that one build; each worker used
-to build both demos itself (35 s and 21 s on one CPU) while the other worker built the same.
+Builds into FOLDER/<kind> on the CPUs listed in CPUS (comma-separated; empty: any), then writes FOLDER/<kind>.done
+(or <kind>.failed with the traceback). Every worker's session fixture waits for the .done file and uses that one
+build; each worker used to build both demos itself (35 s and 21 s on one CPU) while the other worker built the
+same.
 """
 
 from __future__ import annotations
