@@ -101,6 +101,7 @@ def test_result_records_epochs_parity_and_leaves_the_fp32_model_alone(qat_run):
     # weights|) is ~0.11, the tolerance ~0.34
     assert 0.0 < result.parity_max_abs < 0.1
     assert any("export parity" in n for n in result.notes)
+    assert not any(n.startswith("weak export parity") for n in result.notes), result.notes  # 0.34 vs logits' range
     # a short QAT builds no C++ extension: NNCF's fake-quantize ops ran as PyTorch code
     assert any(n.startswith("fake-quantize ops: NNCF's PyTorch reference functions, eager") for n in result.notes)
     assert unchanged, "qat_finetune modified the caller's FP32 model"
