@@ -281,6 +281,9 @@ def tolerance_source(step: OutputStep, steps: float, floor: float) -> str:
     return f"{step.source} ({step.step:.3g})"
 
 
+ALL_SAMPLES_CLAUSE = " (on every sample when fewer than half are confident)"
+
+
 def agreement_text(c: OutputComparison, reference: str, classifier: bool = True) -> str:
     """What an agreement gate measured: both clauses, each of which can fail alone (the top-1 clause only for a
     classifier's output)."""
@@ -289,6 +292,10 @@ def agreement_text(c: OutputComparison, reference: str, classifier: bool = True)
         text += f" ({c.steps:.1f} output steps)"
     if not classifier:
         text += ", top-1 agreement n/a: not a classifier"
+    elif c.agreement_on_all:
+        text += (f", top-1 agreement {c.top1_agreement:.4f} on all {c.samples} samples (only {c.confident_samples} "
+                 f"confident at {reference} top-1 margin > {c.tolerance:.3g}: the tolerance is that coarse, so every "
+                 "sample counts)")
     elif c.confident_samples is not None:
         agree = "n/a" if c.confident_top1_agreement is None else f"{c.confident_top1_agreement:.4f}"
         text += (f", top-1 agreement {agree} on {c.confident_samples} confident samples ({reference} top-1 margin > "
@@ -407,7 +414,7 @@ def validate_four_way(cfg: EdgeqConfig, model: torch.nn.Module, fp32_onnx: Path,
             gates.append(GateRow(gate="device agreement", pair=pair3, output=name,
                                  measured=titled(name, f"not run: no independent device check ran: {dependent}"),
                                  threshold=f"<= {th.device_quant_steps:g} output steps and top-1 agreement >= "
-                                           f"{th.device_min_agreement:g} on confident samples",
+                                           f"{th.device_min_agreement:g} on confident samples{ALL_SAMPLES_CLAUSE}",
                                  passed=False, ran=False, waived=waived))
         notes.append(f"no independent device check ran: {dependent}" + (
             " (accepted: validation.require_independent_device is false)" if waived else ""))
@@ -421,8 +428,8 @@ def validate_four_way(cfg: EdgeqConfig, model: torch.nn.Module, fp32_onnx: Path,
             c3 = compare_output(name, o8[name], dev[name], tol3, labels=("ONNX INT8", "device INT8"),
                                 top1=None if cls else False)
             source = tolerance_source(ostep, th.device_quant_steps, th.int8_atol_floor)
-            clause = (f" and top-1 agreement >= {th.device_min_agreement:g} on confident samples" if cls
-                      else "; top-1 clause n/a: not a classifier")
+            clause = (f" and top-1 agreement >= {th.device_min_agreement:g} on confident samples{ALL_SAMPLES_CLAUSE}"
+                      if cls else "; top-1 clause n/a: not a classifier")
             measured = c3.error or agreement_text(c3, "ONNX INT8", cls)
             threshold = (f"<= {th.device_quant_steps:g} output steps ({c3.tolerance:.3g})" if ostep.step is not None
                          else f"<= {c3.tolerance:.3g} (thresholds.int8_atol_floor: no output step in the graph)")

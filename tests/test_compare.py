@@ -112,3 +112,17 @@ def test_the_floor_is_the_least_tolerance_and_the_whole_one_without_a_step():
 def test_top1_is_left_out_where_a_sample_has_one_value():
     rec = compare_output("score", np.zeros((4, 1), np.float32), np.zeros((4, 1), np.float32), Tolerance.absolute(0.0))
     assert rec.top1_agreement is None and rec.passed
+
+
+def test_a_tolerance_too_coarse_for_most_samples_holds_top1_on_every_sample():
+    """One output step wider than the outputs' range leaves no sample confident: the agreement clause then holds
+    every sample, so outputs from the wrong samples (within the range, within the tolerance) fail it."""
+    ref = _logits(32) * 3
+    coarse = Tolerance.in_steps(3, float(ref.max() - ref.min()), min_top1=0.99)
+    wrong = compare_output("logits", ref, ref[::-1].copy(), coarse)
+    assert wrong.within_tolerance and wrong.confident_samples == 0 and wrong.agreement_on_all
+    assert wrong.agreement_ok is False and not wrong.passed and wrong.top1_agreement < 0.5
+    close = compare_output("logits", ref, ref + 0.01, coarse)
+    assert close.agreement_on_all and close.top1_agreement == 1.0 and close.passed
+    fine = compare_output("logits", ref, ref[::-1].copy(), Tolerance.absolute(1e-3, min_top1=0.99))
+    assert not fine.agreement_on_all  # most samples confident: the clause is on them, as before

@@ -41,7 +41,7 @@ class Tolerance:
 
     atol: absolute, in output units. steps + step: ``steps`` quantization steps of size ``step``, never less
     than atol (the floor). min_top1: top-1 agreement floor on the confident samples (reference top-1 margin
-    above the limit), checked where top-1 is meaningful.
+    above the limit), checked where top-1 is meaningful; on every sample when fewer than half are confident.
     """
 
     atol: float = 0.0
@@ -106,6 +106,9 @@ class OutputComparison(BaseModel):
     confident_samples: int | None = None  # samples whose reference top-1 margin exceeds the tolerance
     confident_top1_agreement: float | None = None  # top-1 agreement on those (None: no confident sample)
     near_ties: int = 0  # top-1 disagreements on the other samples: reported, not counted
+    # The tolerance left fewer than half the samples confident (one quantization step that coarse): the agreement
+    # clause then holds top-1 on every sample, else constant or garbage outputs within the range would pass.
+    agreement_on_all: bool = False
     agreement_ok: bool | None = None  # the agreement clause (None: no floor asked, or top-1 not meaningful)
     error: str = ""  # why the values were not compared (shapes differ, non-finite values); passed is then False
 
@@ -168,6 +171,8 @@ def compare_output(name: str, reference: np.ndarray, candidate: np.ndarray, tole
             rec.confident_top1_agreement = float(agree[confident].mean())
         if tolerance.min_top1 is not None:
             agreement = rec.confident_top1_agreement
+            if 2 * rec.confident_samples < n:
+                rec.agreement_on_all, agreement = True, rec.top1_agreement
             rec.agreement_ok = agreement is None or agreement >= tolerance.min_top1
     rec.passed = bool(rec.within_tolerance) and rec.agreement_ok is not False
     return rec

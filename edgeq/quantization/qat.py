@@ -135,6 +135,7 @@ class ParityCheck:
     samples: int
     worst_sample: int
     output_spread: float = float("nan")  # max - min of the PyTorch outputs checked: what the tolerance is set against
+    agreement_on_all: bool = False  # fewer than half the samples confident: the top-1 clause held every sample
 
 
 # ---------------------------------------------------------------- inputs
@@ -413,7 +414,9 @@ def check_export_parity(onnx_path: Path, torch_model: torch.nn.Module | Callable
     Top-1 agreement on the confident samples (PyTorch top-1 margin above the tolerance) must be
     >= qat_min_agreement (0.99): a difference within the tolerance can still flip such a sample, and
     that is a real disagreement. Flips of the other samples are near ties an allowed rounding
-    difference can cause; they are reported (``near_ties``), not counted.
+    difference can cause; they are reported (``near_ties``), not counted. Where fewer than half the
+    samples are confident (one output step that coarse), top-1 agreement is held on every sample
+    instead (``agreement_on_all``): otherwise outputs anywhere within the range would pass.
     Raises ``GateError`` with the numbers otherwise. `thresholds` default: ``Thresholds()``.
 
     Every input is fed (`samples` a Batch; one array is `input_name`'s) and every output is checked, each with its
@@ -452,17 +455,24 @@ def check_export_parity(onnx_path: Path, torch_model: torch.nn.Module | Callable
     check = ParityCheck(max_abs=rec.max_abs_diff, top1_agreement=rec.top1_agreement, tolerance=rec.tolerance,
                         output_step=step.step, step_source=step.source, confident_samples=rec.confident_samples or 0,
                         confident_top1_agreement=rec.confident_top1_agreement, near_ties=rec.near_ties,
-                        samples=rec.samples, worst_sample=rec.worst_sample, output_spread=spread)
+                        samples=rec.samples, worst_sample=rec.worst_sample, output_spread=spread,
+                        agreement_on_all=rec.agreement_on_all)
     if not rec.passed:
         of = (f"{th.qat_parity_steps:g} output steps of {step.step:.4g}, {step.source}" if step.step is not None
               else f"thresholds.int8_atol_floor: {step.source}")
-        agree = "n/a" if rec.confident_top1_agreement is None else f"{rec.confident_top1_agreement:.4f}"
+        if rec.agreement_on_all:
+            on = (f"top-1 agreement {rec.top1_agreement:.4f} on all {rec.samples} samples (only "
+                  f"{rec.confident_samples} confident at PyTorch top-1 margin > tolerance, so every sample counts; "
+                  f"required {th.qat_min_agreement})")
+        else:
+            agree = "n/a" if rec.confident_top1_agreement is None else f"{rec.confident_top1_agreement:.4f}"
+            on = (f"top-1 agreement {agree} on {rec.confident_samples or 0} confident samples (PyTorch top-1 "
+                  f"margin > tolerance; required {th.qat_min_agreement}; {rec.near_ties} near-tie flip(s) not counted)")
         raise GateError(
             f"QAT export parity failed{'' if len(out_names) == 1 else f' on output {rec.output!r}'}: ONNX Runtime vs "
             f"the QAT model in PyTorch on {rec.samples} check samples: "
             f"max abs diff {rec.max_abs_diff:.4g} (sample {rec.worst_sample}) vs tolerance {rec.tolerance:.4g} "
-            f"({of}); top-1 agreement {agree} on {rec.confident_samples or 0} confident samples (PyTorch top-1 "
-            f"margin > tolerance; required {th.qat_min_agreement}; {rec.near_ties} near-tie flip(s) not counted). "
+            f"({of}); {on}. "
             "The exported QDQ graph does not compute what the fake-quantized model computes"
             + (f" ({rec.error})" if rec.error else "")
         )
@@ -585,14 +595,15 @@ def qat_finetune(
     step = "no output step: the floor" if parity.output_step is None else f"output step {parity.output_step:.4g}"
     top1 = ("top-1 n/a: not a classifier" if parity.top1_agreement is None else
             f"top-1 agreement {parity.top1_agreement:.4f} ({parity.confident_samples} confident samples, "
-            f"{parity.near_ties} near-tie flips)")
+            f"{parity.near_ties} near-tie flips" + ("; held on every sample: fewer than half confident)"
+                                                    if parity.agreement_on_all else ")"))
     notes.append(f"export parity on {parity.samples} samples: max abs {parity.max_abs:.4g} <= tolerance "
                  f"{parity.tolerance:.4g} ({th.qat_parity_steps:g} steps; {step}, {parity.step_source}); {top1}")
     if parity.tolerance >= parity.output_spread:
         notes.append(f"weak export parity check: its tolerance {parity.tolerance:.4g} spans the whole range of the "
                      f"outputs ({parity.output_spread:.4g} on these samples; one quantization step of the last "
-                     "quantized tensor is that coarse), so it catches only gross export errors and no sample is "
-                     "confident enough for its top-1 clause; the validation score of the exported model is what "
-                     "holds it to the SLA")
+                     "quantized tensor is that coarse), so its max-abs clause catches only gross export errors "
+                     "and no sample is confident: its top-1 clause held every sample instead. The validation score "
+                     "of the exported model is what holds it to the SLA")
     return QATResult(onnx_path=out_path, epochs=history, parity_max_abs=parity.max_abs,
                      parity_top1_agreement=parity.top1_agreement, engine=ENGINE, notes=notes)

@@ -1,6 +1,7 @@
 """Escalation on a model PTQ cannot serve: PTQ -> PTQ variants -> sensitive layers in FP32 -> QAT."""
 
 import pytest
+import torch
 import yaml
 
 from edgeq.calibration.readers import CalibrationReader
@@ -10,6 +11,7 @@ from edgeq.core.modeling import build_model
 from edgeq.core.ort import ort_session
 from edgeq.core.store import ArtifactStore
 from edgeq.quantization.escalate import REMEDY_MIN_GAIN, run_quantization
+from edgeq.quantization.qat import check_export_parity
 from edgeq.tasks.config import load_prepared
 from edgeq.tasks.export import export_to_store
 from tests.conftest import write_config
@@ -98,9 +100,17 @@ def test_qat_is_what_meets_the_sla_where_no_layer_may_stay_fp32(tmp_path, demo_r
     tolerance = float(parity.split("<= tolerance ")[1].split()[0])
     weak = next(n for n in chosen.notes if n.startswith("weak export parity check"))
     assert f"tolerance {tolerance:.4g} spans the whole range of the outputs" in weak, weak
+    assert "held on every sample: fewer than half confident" in parity, parity
     shipped = tmp_path / "out" / "digits-cnn-int8.onnx"
     logits = ort_session(shipped).run(None, {"image": val[0]})[0]
     assert float((logits.argmax(1) == val[1]).mean()) == pytest.approx(chosen.metric, abs=1e-9)
+    # Fed outputs of the wrong samples (the right range, within the coarse tolerance), the same check fails: its
+    # top-1 clause holds every sample here.
+    def other_samples(x):
+        return torch.from_numpy(ort_session(shipped).run(None, {"image": x.numpy()})[0][::-1].copy())
+
+    with pytest.raises(GateError, match=r"top-1 agreement 0\.\d+ on all 32 samples \(only 0 confident"):
+        check_export_parity(shipped, other_samples, val[0][:32], "image", thresholds=cfg.thresholds)
 
 
 def test_qat_requested_without_training_data(tmp_path, demo_root):
