@@ -36,7 +36,7 @@ from pydantic import BaseModel, Field
 
 from edgeq.backends import benchmark, get_backend, known_backends
 from edgeq.calibration.readers import CalibrationReader
-from edgeq.core.compare import OutputComparison, Tolerance, compare_output, min_cosine, step_tolerance
+from edgeq.core.compare import OutputComparison, Tolerance, compare_output, min_cosine, step_tolerance, top1_text
 from edgeq.core.data import batch_size, take
 from edgeq.core.errors import GateError, SpecError
 from edgeq.core.metrics import extra_metrics, score
@@ -292,16 +292,8 @@ def agreement_text(c: OutputComparison, reference: str, classifier: bool = True)
         text += f" ({c.steps:.1f} output steps)"
     if not classifier:
         text += ", top-1 agreement n/a: not a classifier"
-    elif c.agreement_on_all:
-        text += (f", top-1 agreement {c.top1_agreement:.4f} on all {c.samples} samples (only {c.confident_samples} "
-                 f"confident at {reference} top-1 margin > {c.tolerance:.3g}: the tolerance is that coarse, so every "
-                 "sample counts)")
     elif c.confident_samples is not None:
-        agree = "n/a" if c.confident_top1_agreement is None else f"{c.confident_top1_agreement:.4f}"
-        text += (f", top-1 agreement {agree} on {c.confident_samples} confident samples ({reference} top-1 margin > "
-                 f"{c.tolerance:.3g})")
-        if c.near_ties:
-            text += f"; {c.near_ties} near-tie flip(s) not counted"
+        text += f", {top1_text(c, reference)}"
     return text
 
 

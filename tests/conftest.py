@@ -47,7 +47,8 @@ def pytest_configure(config):
     import subprocess
     import sys
 
-    if _WORKER or os.environ.get("EDGEQ_TEST_PREBUILT") or not getattr(config.option, "numprocesses", None):
+    if (_WORKER or os.environ.get("EDGEQ_TEST_PREBUILT") or not getattr(config.option, "numprocesses", None)
+            or config.option.collectonly):
         return
     folder = _SESSION_TMP / "prebuilt"
     folder.mkdir()

@@ -178,6 +178,19 @@ def compare_output(name: str, reference: np.ndarray, candidate: np.ndarray, tole
     return rec
 
 
+def top1_text(c: OutputComparison, reference: str) -> str:
+    """The agreement clause as measured, for a gate's record or error: on the confident samples, or on every sample
+    where fewer than half are confident (`agreement_on_all`)."""
+    if c.agreement_on_all:
+        return (f"top-1 agreement {c.top1_agreement:.4f} on all {c.samples} samples (only {c.confident_samples} "
+                f"confident at {reference} top-1 margin > {c.tolerance:.3g}: the tolerance is that coarse, so every "
+                "sample counts)")
+    agree = "n/a" if c.confident_top1_agreement is None else f"{c.confident_top1_agreement:.4f}"
+    text = (f"top-1 agreement {agree} on {c.confident_samples or 0} confident samples ({reference} top-1 margin > "
+            f"{c.tolerance:.3g})")
+    return text + (f"; {c.near_ties} near-tie flip(s) not counted" if c.near_ties else "")
+
+
 def compare_outputs(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray],
                     tolerance: Tolerance | Mapping[str, Tolerance], *, outputs: Sequence[str] | None = None,
                     labels: tuple[str, str] = ("reference", "candidate"),

@@ -56,7 +56,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from edgeq.core.compare import compare_output, step_tolerance
+from edgeq.core.compare import compare_output, step_tolerance, top1_text
 from edgeq.core.errors import ExportError, GateError, SpecError
 from edgeq.core.onnx_graph import load_onnx, output_step
 from edgeq.core.ort import ort_session
@@ -460,14 +460,8 @@ def check_export_parity(onnx_path: Path, torch_model: torch.nn.Module | Callable
     if not rec.passed:
         of = (f"{th.qat_parity_steps:g} output steps of {step.step:.4g}, {step.source}" if step.step is not None
               else f"thresholds.int8_atol_floor: {step.source}")
-        if rec.agreement_on_all:
-            on = (f"top-1 agreement {rec.top1_agreement:.4f} on all {rec.samples} samples (only "
-                  f"{rec.confident_samples} confident at PyTorch top-1 margin > tolerance, so every sample counts; "
-                  f"required {th.qat_min_agreement})")
-        else:
-            agree = "n/a" if rec.confident_top1_agreement is None else f"{rec.confident_top1_agreement:.4f}"
-            on = (f"top-1 agreement {agree} on {rec.confident_samples or 0} confident samples (PyTorch top-1 "
-                  f"margin > tolerance; required {th.qat_min_agreement}; {rec.near_ties} near-tie flip(s) not counted)")
+        on = ("top-1 n/a: not a classifier" if rec.confident_samples is None else
+              f"{top1_text(rec, 'PyTorch')}; required {th.qat_min_agreement}")
         raise GateError(
             f"QAT export parity failed{'' if len(out_names) == 1 else f' on output {rec.output!r}'}: ONNX Runtime vs "
             f"the QAT model in PyTorch on {rec.samples} check samples: "
