@@ -43,7 +43,7 @@ from edgeq.core.metrics import extra_metrics, score
 from edgeq.core.onnx_graph import OutputStep, load_onnx, output_step
 from edgeq.core.quiet import muted_output
 from edgeq.core.specs import EdgeqConfig, TargetSpec
-from edgeq.export import export_onnx, make_inputs, run_onnx
+from edgeq.export import export_onnx, make_inputs, parity_tolerance, run_onnx
 from edgeq.quantization.ptq import as_batch, preprocess_model
 from edgeq.quantization.sensitivity import sensitivity_table
 
@@ -364,11 +364,13 @@ def validate_four_way(cfg: EdgeqConfig, model: torch.nn.Module, fp32_onnx: Path,
     # Gate 1: export parity, every output.
     parity_rows = []
     for name in outputs:
-        c1 = compare_output(name, pt[name], o32[name], Tolerance.absolute(th.export_atol),
-                            labels=("PyTorch FP32", "ONNX FP32"))
+        tol, scale = parity_tolerance(pt[name], th)
+        c1 = compare_output(name, pt[name], o32[name], Tolerance.absolute(tol), labels=("PyTorch FP32", "ONNX FP32"))
         parity_rows.append(GateRow(gate="export parity", pair="PyTorch FP32 -> ONNX FP32", output=name,
                                    measured=titled(name, c1.error or f"max abs diff {c1.max_abs_diff:.3g}"),
-                                   threshold=f"<= {th.export_atol:g}", passed=c1.passed, max_abs_diff=c1.max_abs_diff,
+                                   threshold=f"<= {tol:.3g}" + (f" ({th.export_atol:g} + {th.export_rtol:g} x largest "
+                                                                f"|output| {scale:.3g})" if th.export_rtol else ""),
+                                   passed=c1.passed, max_abs_diff=c1.max_abs_diff, tolerance=tol,
                                    top1_agreement=c1.top1_agreement if classifier(name) else None))
     failed1 = next((g for g in parity_rows if not g.passed), None)
     if failed1 is not None:

@@ -99,6 +99,22 @@ def outlier_net(**kw):
     return OutlierNet(**kw)
 
 
+class ScaledLogits(DigitsNet):
+    """The demo network with its logits multiplied by `scale`: the same function at a larger scale, so PyTorch's and
+    ONNX Runtime's float rounding differences grow by `scale` too."""
+
+    def __init__(self, scale: float = 1000.0, **kw):
+        super().__init__(**kw)
+        self.scale = scale
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+def scaled_logits(**kw):
+    return ScaledLogits(**kw)
+
+
 class NanAux(DigitsNet):
     """The demo network with a second output, 'aux', that is NaN for every sample (the square root of a negative
     number), in PyTorch and in ONNX alike: only a comparison that refuses non-finite values notices it."""

@@ -172,10 +172,32 @@ def test_baked_batch_under_torch_export_names_the_axis(tmp_path, demo_root):
 
 
 def test_parity_gate_reports_numbers(tmp_path, demo_root):
-    cfg = _cfg(tmp_path, demo_root, thresholds={"export_atol": 1e-12})
+    cfg = _cfg(tmp_path, demo_root, thresholds={"export_atol": 1e-12, "export_rtol": 0})
     with pytest.raises(GateError, match=r"parity gate: output 'logits' max abs diff .* > tolerance 1e-12 .*worst sample #\d+ of 32"):
         export_to_store(cfg)
     assert _store_files(cfg) == []
+
+
+def test_the_parity_tolerance_grows_with_the_outputs_scale(tmp_path, demo_root):
+    """A correct export of logits 1000x the demo's: its float rounding differences are 1000x larger too. An absolute
+    1e-5 refuses it; export_rtol's part of the tolerance (1e-5 x the largest |output|) passes it."""
+    scaled = {"factory": "tests.edgeq_testmodels:scaled_logits", "kwargs": {"width": 16, "num_classes": 10,
+                                                                          "hidden": 0, "scale": 1000.0}}
+    absolute = _cfg(tmp_path / "absolute", demo_root, model=scaled, thresholds={"export_rtol": 0})
+    # absolute tolerances alone: the probe (1e-4) takes this float noise for a baked-in shape
+    with pytest.raises(GateError, match=r"at size 1: outputs differ from PyTorch by logits: \S+ > 0.0001 — a shape"):
+        export_to_store(absolute)
+    absolute = _cfg(tmp_path / "parity", demo_root, model=scaled, thresholds={"export_rtol": 0, "probe_atol": 1.0})
+    with pytest.raises(GateError, match=r"parity gate: output 'logits' max abs diff \S+ > tolerance 1e-05 "):
+        export_to_store(absolute)
+    assert _store_files(absolute) == []
+
+    cfg = _cfg(tmp_path / "relative", demo_root, model=scaled)
+    row = export_to_store(cfg).report.parity[0]
+    assert cfg.thresholds.export_atol == cfg.thresholds.export_rtol == 1e-5
+    assert row.passed and row.output_scale > 1000 and 1e-5 < row.max_abs_diff <= row.tolerance
+    assert row.tolerance == pytest.approx(1e-5 + 1e-5 * row.output_scale)
+    assert [p.ok for p in export_to_store(cfg).report.probe] == [True, True]
 
 
 def test_a_nan_in_one_output_fails_the_probe_naming_that_output(tmp_path, demo_root):

@@ -71,9 +71,9 @@ def test_parity_fails_when_the_second_inputs_path_is_perturbed_after_export(tmp_
     run_export(model, spec, [ORT], samples, Thresholds(), good)
     bad = tmp_path / "bad.onnx"
     _zero_the_mask(good, bad)
-    rows = check_parity(model, spec, ort_session(bad), samples, Thresholds().export_atol)
+    rows = check_parity(model, spec, ort_session(bad), samples, Thresholds())
     assert not rows[0].passed and rows[0].max_abs_diff > 1e-3, rows
-    assert check_parity(model, spec, ort_session(good), samples, Thresholds().export_atol)[0].passed
+    assert check_parity(model, spec, ort_session(good), samples, Thresholds())[0].passed
 
 
 class ConstantOut(torch.nn.Module):

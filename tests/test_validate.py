@@ -96,10 +96,16 @@ def test_a_small_real_perturbation_fails_export_parity_at_the_default_tolerance(
     from edgeq.core.ort import ort_session
     from edgeq.export import check_parity
 
-    assert setup["cfg"].thresholds.export_atol == Thresholds().export_atol == 1e-5
-    bad, conv = _perturbed_fp32(setup, 1e-3)  # one weight of 144 in the first conv, off by a thousandth
+    th = setup["cfg"].thresholds
+    assert (th.export_atol, th.export_rtol) == (Thresholds().export_atol, Thresholds().export_rtol) == (1e-5, 1e-5)
     x = setup["test"][0][:32]
-    rows = check_parity(setup["model"], setup["cfg"].model, ort_session(bad), x, setup["cfg"].thresholds.export_atol)
+    # one weight of 144 in the first conv off by a ten-thousandth: the tolerance's relative part (1e-5 x the largest
+    # |logit|) does not hide it
+    small, _ = _perturbed_fp32(setup, 1e-4)
+    rows = check_parity(setup["model"], setup["cfg"].model, ort_session(small), x, th)
+    assert [r.passed for r in rows] == [False] and rows[0].max_abs_diff > rows[0].tolerance > 1e-5, rows
+    bad, conv = _perturbed_fp32(setup, 1e-3)  # off by a thousandth
+    rows = check_parity(setup["model"], setup["cfg"].model, ort_session(bad), x, th)
     assert [r.passed for r in rows] == [False] and rows[0].max_abs_diff > 1e-5
     rep = _validate(setup, fp32=bad)  # the four-way gate on the same file, which also names the node
     g = rep.gates[0]

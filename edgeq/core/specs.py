@@ -247,7 +247,11 @@ class DataSpec(Spec):
 
 
 class Thresholds(Spec):
-    export_atol: float = Field(1e-5, gt=0, description="PyTorch vs ONNX FP32: max abs diff")
+    export_atol: float = Field(1e-5, gt=0, description="PyTorch vs ONNX FP32: max abs diff, plus export_rtol's part")
+    export_rtol: float = Field(
+        1e-5, ge=0, description="PyTorch vs ONNX FP32: the tolerance's part relative to the outputs' scale, per output: "
+                                "this x the largest |PyTorch output| on the parity samples (float32 rounding grows "
+                                "with the values and differs by CPU kernel); 0 leaves export_atol alone")
     parity_samples: int = Field(32, ge=10, le=100, description="real samples in the parity gate")
     int8_max_drop: float = Field(0.01, ge=0, description="INT8 metric may drop at most this much (0.01 = 1 point)")
     device_quant_steps: float = Field(
@@ -267,7 +271,8 @@ class Thresholds(Spec):
                                 "computed in float from unquantized weights after the last quantized tensor)")
     probe_atol: float = Field(
         1e-4, gt=0, description="dynamic-shape probe, PyTorch vs ONNX at other sizes: max abs diff (never below "
-                                "export_atol); it looks for baked-in shapes, float noise is the parity gate's job")
+                                "each output's parity tolerance); it looks for baked-in shapes, float noise is the "
+                                "parity gate's job")
     qat_parity_steps: float = Field(
         3.0, gt=0, description="QAT export check, ONNX Runtime vs the QAT model in PyTorch: tolerance in quantization "
                                "steps of the output, read from the exported graph")

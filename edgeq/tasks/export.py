@@ -35,7 +35,8 @@ def export_cache_key(cfg: EdgeqConfig) -> str:
         targets=[t.model_dump(mode="json", include={"name", "backend", "max_opset", "profile"}) for t in cfg.targets],
         samples=split_fingerprint(cfg.data.test),
         preprocess=cfg.data.preprocess.model_dump(mode="json"),
-        thresholds=[cfg.thresholds.export_atol, cfg.thresholds.parity_samples, cfg.thresholds.probe_atol],
+        thresholds=[cfg.thresholds.export_atol, cfg.thresholds.export_rtol, cfg.thresholds.parity_samples,
+                    cfg.thresholds.probe_atol],
         store=cfg.store_url,
     )
 
