@@ -143,6 +143,8 @@ def test_ptq_settings_come_from_the_spec():
     ort = s.model_copy(update={"engine": "onnxruntime"})
     assert ort.label() == "ort PTQ entropy s8s8 reduce-range per-tensor, fp32: head"
     assert PTQSettings.from_spec().record()["types"] == "u8s8"
+    assert PTQSettings.from_spec().record()["folded_activations"] == ["Relu", "Clip"]
+    assert "folded_activations" not in s.record() and "folded_activations" not in ort.record()  # NNCF; s8s8
 
 
 def _conv_model(path):
@@ -152,6 +154,54 @@ def _conv_model(path):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], [w])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
+
+
+def _conv_act_chain(path):
+    """Conv -> Clip(0, 6) -> Conv -> Relu -> Conv: a mobile net's ReLU6 and a ResNet's ReLU between three convs."""
+    rng = np.random.default_rng(0)
+    inits = [helper.make_tensor(f"w{i}", TensorProto.FLOAT, [8, 8, 3, 3], rng.normal(0, 0.2, 576).tolist())
+             for i in range(3)]
+    inits += [helper.make_tensor("lo", TensorProto.FLOAT, [], [0.0]), helper.make_tensor("hi", TensorProto.FLOAT, [], [6.0])]
+    nodes = [helper.make_node("Conv", ["image", "w0"], ["c0"], pads=[1, 1, 1, 1], name="conv0"),
+             helper.make_node("Clip", ["c0", "lo", "hi"], ["a0"], name="relu6"),
+             helper.make_node("Conv", ["a0", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["a1"], name="relu"),
+             helper.make_node("Conv", ["a1", "w2"], ["y"], pads=[1, 1, 1, 1], name="conv2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 8, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8, 16, 16])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_relu_and_clip_between_quantized_convs_fold_so_no_conversion_stays_between_the_kernels(tmp_path):
+    """ONNX Runtime's quantizer folds a Relu/Clip into the conv before it when asked to quantize it: the convs then
+    feed one another in integer. Kept FP32, each activation leaves a DequantizeLinear/QuantizeLinear pair between
+    two kernels (MobileNetV2's ReLU6s held its INT8 model at FP32's speed on ONNX Runtime)."""
+    from edgeq.core.specs import TargetSpec
+    from edgeq.export import run_onnx
+    from edgeq.quantization.explain import CONVERSIONS, explain_speed
+
+    src = _conv_act_chain(tmp_path / "m.onnx")
+    x = np.random.default_rng(1).normal(size=(64, 8, 16, 16)).astype(np.float32)
+    folded = quantize(src, tmp_path / "folded.onnx", CalibrationReader({"image": x}), PTQSettings.from_spec())
+    kept = quantize(src, tmp_path / "kept.onnx", CalibrationReader({"image": x}),
+                    PTQSettings.from_spec(QuantizationSpec(keep_fp32_op_types=["Relu", "Clip"])))
+    assert not {"Relu", "Clip"} & {n.op_type for n in onnx.load(str(folded)).graph.node}
+    assert {"Relu", "Clip"} <= {n.op_type for n in onnx.load(str(kept)).graph.node}
+
+    target = TargetSpec(name="cpu", backend="onnxruntime")
+    rows = {name: {r.op_type: r for r in explain_speed(path, target, src, {"image": x[:1]})}
+            for name, path in (("folded", folded), ("kept", kept))}
+    for r in rows.values():
+        assert (r["Conv"].integer, r["Conv"].float_quantized) == (3, 0), r["Conv"]
+    # the model's own input and output conversions stay; each kept activation adds a pair
+    assert "DequantizeLinear x1, QuantizeLinear x1" in rows["folded"][CONVERSIONS].kernels, rows["folded"][CONVERSIONS]
+    assert "DequantizeLinear x3, QuantizeLinear x3" in rows["kept"][CONVERSIONS].kernels, rows["kept"][CONVERSIONS]
+
+    ref = run_onnx(src, x[:16], "image", "y")
+    spread = float(ref.max() - ref.min())
+    for path in (folded, kept):  # folding changes where the rounding happens, not what is computed
+        assert float(np.abs(run_onnx(path, x[:16], "image", "y") - ref).max()) < 0.03 * spread
 
 
 @pytest.mark.parametrize("engine", ["onnxruntime", "nncf"])
