@@ -297,6 +297,7 @@ def measure(name: str, args, root: Path, work: Path, data: dict[int, Path]) -> d
 
     factory, cls = FACTORIES[name]
     t0 = time.perf_counter()
+    torch.manual_seed(0)  # the initial weights, whichever model ran before
     with np.load(root / "train.npz") as z:
         model = train(cls(), upscale(z["x"], args.accuracy_size), z["y"], args.epochs)
     weights = work / f"{name}.safetensors"
