@@ -3,4 +3,4 @@
 __version__ = "0.1.0"
 
 # Part of every cache key: bump when a stage's output for the same inputs changes.
-PIPELINE_VERSION = "4"
+PIPELINE_VERSION = "5"
