@@ -193,11 +193,12 @@ def test_the_parity_tolerance_grows_with_the_outputs_scale(tmp_path, demo_root):
     assert _store_files(absolute) == []
 
     cfg = _cfg(tmp_path / "relative", demo_root, model=scaled)
-    row = export_to_store(cfg).report.parity[0]
+    report = export_to_store(cfg).report
+    row = report.parity[0]
     assert cfg.thresholds.export_atol == cfg.thresholds.export_rtol == 1e-5
     assert row.passed and row.output_scale > 1000 and 1e-5 < row.max_abs_diff <= row.tolerance
     assert row.tolerance == pytest.approx(1e-5 + 1e-5 * row.output_scale)
-    assert [p.ok for p in export_to_store(cfg).report.probe] == [True, True]
+    assert [p.ok for p in report.probe] == [True, True]
 
 
 def test_a_nan_in_one_output_fails_the_probe_naming_that_output(tmp_path, demo_root):

@@ -249,9 +249,9 @@ class DataSpec(Spec):
 class Thresholds(Spec):
     export_atol: float = Field(1e-5, gt=0, description="PyTorch vs ONNX FP32: max abs diff, plus export_rtol's part")
     export_rtol: float = Field(
-        1e-5, ge=0, description="PyTorch vs ONNX FP32: the tolerance's part relative to the outputs' scale, per output: "
-                                "this x the largest |PyTorch output| on the parity samples (float32 rounding grows "
-                                "with the values and differs by CPU kernel); 0 leaves export_atol alone")
+        1e-5, ge=0, description="PyTorch vs ONNX FP32: the tolerance's part relative to the outputs' scale, per "
+                                "output: this x the largest |PyTorch output| on the parity samples (float32 rounding "
+                                "grows with the values and differs by CPU kernel); 0 leaves export_atol alone")
     parity_samples: int = Field(32, ge=10, le=100, description="real samples in the parity gate")
     int8_max_drop: float = Field(0.01, ge=0, description="INT8 metric may drop at most this much (0.01 = 1 point)")
     device_quant_steps: float = Field(

@@ -161,13 +161,15 @@ def _conv_act_chain(path):
     rng = np.random.default_rng(0)
     inits = [helper.make_tensor(f"w{i}", TensorProto.FLOAT, [8, 8, 3, 3], rng.normal(0, 0.2, 576).tolist())
              for i in range(3)]
-    inits += [helper.make_tensor("lo", TensorProto.FLOAT, [], [0.0]), helper.make_tensor("hi", TensorProto.FLOAT, [], [6.0])]
+    inits += [helper.make_tensor("lo", TensorProto.FLOAT, [], [0.0]),
+              helper.make_tensor("hi", TensorProto.FLOAT, [], [6.0])]
     nodes = [helper.make_node("Conv", ["image", "w0"], ["c0"], pads=[1, 1, 1, 1], name="conv0"),
              helper.make_node("Clip", ["c0", "lo", "hi"], ["a0"], name="relu6"),
              helper.make_node("Conv", ["a0", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
              helper.make_node("Relu", ["c1"], ["a1"], name="relu"),
              helper.make_node("Conv", ["a1", "w2"], ["y"], pads=[1, 1, 1, 1], name="conv2")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 8, 16, 16])],
+    graph = helper.make_graph(nodes, "g",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 8, 16, 16])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8, 16, 16])], inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
