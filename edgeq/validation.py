@@ -166,10 +166,11 @@ def _batch1(x: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def run_target(path: Path, target: TargetSpec, x: Mapping[str, np.ndarray], outputs: Sequence[str],
-               iters: int) -> tuple[dict[str, np.ndarray], float, str]:
+               iters: int) -> tuple[dict[str, np.ndarray], float | None, str]:
     """Every output ({name: array}) over the Batch `x` (every input fed; sample by sample on a static batch-1
-    form), the batch-1 latency on a real sample, and the precision that really ran. An output the target does not
-    return is absent from the dict (the comparison names it)."""
+    form), the batch-1 latency on a real sample (None on a backend whose runs cannot be timed here: a `command`
+    device), and the precision that really ran. An output the target does not return is absent from the dict (the
+    comparison names it)."""
     backend = get_backend(target.backend)
     ok, why = backend.availability(target.device)
     if not ok:
@@ -179,9 +180,11 @@ def run_target(path: Path, target: TargetSpec, x: Mapping[str, np.ndarray], outp
             results = [runner.infer(dict(x))]
         else:
             results = [runner.infer(take(x, slice(i, i + 1))) for i in range(batch_size(x))]
-        lat = benchmark(runner, _batch1(x), warmup=max(5, iters // 10), iters=iters)
+        lat = benchmark(runner, _batch1(x), warmup=max(5, iters // 10), iters=iters) if backend.measures_latency \
+            else None
+        precision = lat.precision if lat else runner.precision
     outs = {name: np.concatenate([r[name] for r in results]) for name in outputs if all(name in r for r in results)}
-    return outs, lat.median_ms, lat.precision
+    return outs, (lat.median_ms if lat else None), precision
 
 
 def pick_device_target(cfg: EdgeqConfig) -> TargetSpec:
