@@ -345,11 +345,11 @@ def parity_tolerance(reference: np.ndarray, thresholds: Thresholds) -> tuple[flo
     return thresholds.export_atol + thresholds.export_rtol * scale, scale
 
 
-def _torch_vs_onnx(spec: ModelSpec, ref: list[np.ndarray], got: list[np.ndarray], thresholds: Thresholds,
-                   floor: float = 0.0) -> list[OutputComparison]:
-    """Each output against its own parity tolerance (never below `floor`)."""
+def _torch_vs_onnx(spec: ModelSpec, ref: list[np.ndarray], got: list[np.ndarray],
+                   tolerances: list[float]) -> list[OutputComparison]:
+    """Each output against its own tolerance (`tolerances`, in the order of `spec.outputs`)."""
     names = list(spec.outputs)
-    tol = {n: Tolerance.absolute(max(floor, parity_tolerance(r, thresholds)[0])) for n, r in zip(names, ref)}
+    tol = {n: Tolerance.absolute(t) for n, t in zip(names, tolerances)}
     return compare_outputs(dict(zip(names, ref)), dict(zip(names, got)), tol, labels=("PyTorch", "ONNX"))
 
 
@@ -385,12 +385,13 @@ def check_parity(model: torch.nn.Module, spec: ModelSpec, session, samples: Samp
             "(an input of zeros, an all-zero mask, the wrong split) and the weights (model.weights loaded?)")
     got = session.run(list(spec.outputs), feeds)
     rows = []
-    for r, out in zip(_torch_vs_onnx(spec, ref, got, thresholds), ref):
+    tolerances = [parity_tolerance(out, thresholds) for out in ref]
+    for r, (_, scale) in zip(_torch_vs_onnx(spec, ref, got, [t for t, _ in tolerances]), tolerances):
         if r.max_abs_diff is None:  # shapes differ (or an output is missing): no number to gate on
             raise GateError(r.error)
         rows.append(ParityRow(output=r.output, max_abs_diff=r.max_abs_diff, max_rel_diff=r.max_rel_diff,
                               worst_sample=r.worst_sample, samples=r.samples, tolerance=r.tolerance, passed=r.passed,
-                              error=r.error, output_scale=parity_tolerance(out, thresholds)[1]))
+                              error=r.error, output_scale=scale))
     return rows
 
 
@@ -436,7 +437,9 @@ def probe_dynamic_shapes(model: torch.nn.Module, spec: ModelSpec, session, sampl
                     continue
                 # Every output through the comparator, each judged on its own: a max over the outputs' numbers
                 # would drop a NaN (max([0.1, nan]) is 0.1).
-                compared = _torch_vs_onnx(spec, run_torch(model, spec, feeds), got, thresholds, thresholds.probe_atol)
+                ref = run_torch(model, spec, feeds)
+                tolerances = [max(thresholds.probe_atol, parity_tolerance(r, thresholds)[0]) for r in ref]
+                compared = _torch_vs_onnx(spec, ref, got, tolerances)
                 bad = [f"{c.output}: {tuple(c.reference_shape)} vs {tuple(c.candidate_shape)}"
                        for c in compared if c.max_abs_diff is None]
                 refused = [c.error for c in compared if c.max_abs_diff is not None and c.error]
