@@ -284,9 +284,6 @@ def tolerance_source(step: OutputStep, steps: float, floor: float) -> str:
     return f"{step.source} ({step.step:.3g})"
 
 
-ALL_SAMPLES_CLAUSE = " (on every sample when fewer than half are confident)"
-
-
 def agreement_text(c: OutputComparison, reference: str, classifier: bool = True) -> str:
     """What an agreement gate measured: both clauses, each of which can fail alone (the top-1 clause only for a
     classifier's output)."""
@@ -405,13 +402,14 @@ def validate_four_way(cfg: EdgeqConfig, model: torch.nn.Module, fp32_onnx: Path,
     gates.append(g2)
     # Gate 3: device agreement, every output, within N quantization steps of it, the step read from the INT8 graph.
     pair3 = f"ONNX INT8 -> device INT8 ({device.name})"
+    top1_clause = (f"top-1 agreement >= {th.device_min_agreement:g} on confident samples (on every sample when fewer "
+                   "than half are confident)")
     if dependent:
         waived = not cfg.validation.require_independent_device
         for name in outputs:
             gates.append(GateRow(gate="device agreement", pair=pair3, output=name,
                                  measured=titled(name, f"not run: no independent device check ran: {dependent}"),
-                                 threshold=f"<= {th.device_quant_steps:g} output steps and top-1 agreement >= "
-                                           f"{th.device_min_agreement:g} on confident samples{ALL_SAMPLES_CLAUSE}",
+                                 threshold=f"<= {th.device_quant_steps:g} output steps and {top1_clause}",
                                  passed=False, ran=False, waived=waived))
         notes.append(f"no independent device check ran: {dependent}" + (
             " (accepted: validation.require_independent_device is false)" if waived else ""))
@@ -425,8 +423,7 @@ def validate_four_way(cfg: EdgeqConfig, model: torch.nn.Module, fp32_onnx: Path,
             c3 = compare_output(name, o8[name], dev[name], tol3, labels=("ONNX INT8", "device INT8"),
                                 top1=None if cls else False)
             source = tolerance_source(ostep, th.device_quant_steps, th.int8_atol_floor)
-            clause = (f" and top-1 agreement >= {th.device_min_agreement:g} on confident samples{ALL_SAMPLES_CLAUSE}"
-                      if cls else "; top-1 clause n/a: not a classifier")
+            clause = f" and {top1_clause}" if cls else "; top-1 clause n/a: not a classifier"
             measured = c3.error or agreement_text(c3, "ONNX INT8", cls)
             threshold = (f"<= {th.device_quant_steps:g} output steps ({c3.tolerance:.3g})" if ostep.step is not None
                          else f"<= {c3.tolerance:.3g} (thresholds.int8_atol_floor: no output step in the graph)")
