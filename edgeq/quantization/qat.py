@@ -596,8 +596,9 @@ def qat_finetune(
     if parity.tolerance >= parity.output_spread:
         notes.append(f"weak export parity check: its tolerance {parity.tolerance:.4g} spans the whole range of the "
                      f"outputs ({parity.output_spread:.4g} on these samples; one quantization step of the last "
-                     "quantized tensor is that coarse), so its max-abs clause catches only gross export errors "
-                     "and no sample is confident: its top-1 clause held every sample instead. The validation score "
-                     "of the exported model is what holds it to the SLA")
+                     "quantized tensor is that coarse), so its max-abs clause catches only gross export errors"
+                     + ("; no sample is confident, so its top-1 clause held every sample instead"
+                        if parity.agreement_on_all else "")
+                     + ". The validation score of the exported model is what holds it to the SLA")
     return QATResult(onnx_path=out_path, epochs=history, parity_max_abs=parity.max_abs,
                      parity_top1_agreement=parity.top1_agreement, engine=ENGINE, notes=notes)
