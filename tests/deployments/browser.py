@@ -70,14 +70,17 @@ class Chromium:
                       "     e.scrollTop = e.scrollHeight; } })()")
 
     def wait_for_text(self, needles: list[str], timeout: float = 60, scroll: bool = False) -> str:
-        """The page's text once it shows every needle (scrolling to the end while waiting, if asked)."""
+        """The page's text once it shows every needle, whitespace aside (scrolling to the end while waiting, if
+        asked)."""
         deadline = time.monotonic() + timeout
         text = ""
+        wanted = [" ".join(n.split()) for n in needles]
         while time.monotonic() < deadline:
             if scroll:
                 self.scroll_to_bottom()
             text = self.text()
-            if all(n in text for n in needles):
+            shown = " ".join(text.split())
+            if all(n in shown for n in wanted):
                 return text
             time.sleep(0.5)
         raise AssertionError(f"page never showed {needles}; it shows:\n{text[:3000]}")
