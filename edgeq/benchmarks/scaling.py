@@ -25,8 +25,10 @@ and the report gives the CPU time they took per conversion.
 
 What 2 workers can gain depends on the machine as much as on edgeq: a machine check before and after times two
 pinned single-threaded loops side by side against one alone, one in cache (compute) and one streaming 64 MB
-(memory bandwidth). Rounds interleave sizes, paths and worker counts, so drift on a shared machine hits all alike;
-the report gives each cell's median and range (min-max) over the rounds.
+(memory bandwidth). And each round measures the same work with no orchestration at all: one conversion as plain
+function calls in a pinned single-threaded process, alone, then two side by side (one per CPU): what two workers could
+gain at best on this machine for this work (`conversion_ceiling`). Rounds interleave sizes, paths and worker counts,
+so drift on a shared machine hits all alike; the report gives each cell's median and range (min-max) over the rounds.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from typing import Any
 
 from edgeq.core.quiet import quiet_environment
 
-SIZE = 64
+SIZE = 64  # the default image side (--size)
 POOL = "edgeq-scaling"
 SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 TASKS_PER_MODEL = 5  # export, compile check x3, quantize
@@ -50,11 +52,11 @@ RESERVE_S = 60  # kept from a time budget for the machine check after the runs a
 
 
 # ---------------------------------------------------------------- the model, its data, its configs
-def _dataset(root: Path, out: Path) -> Path:
-    """The demo's validation, test and capture pool upscaled to 3x64x64 uint8 (the capture metadata as is)."""
+def _dataset(root: Path, out: Path, size: int) -> Path:
+    """The demo's validation, test and capture pool upscaled to 3 x size x size uint8 (the capture metadata as is)."""
     from edgeq.benchmarks.quantization import upscaled_dataset
 
-    return upscaled_dataset(root, out, SIZE)
+    return upscaled_dataset(root, out, size)
 
 
 def _weights(data: Path, folder: Path, seed: int) -> Path:
@@ -85,7 +87,7 @@ def _weights(data: Path, folder: Path, seed: int) -> Path:
     return path
 
 
-def _config(data: Path, folder: Path, store: Path, seed: int, weights: Path) -> Path:
+def _config(data: Path, folder: Path, store: Path, seed: int, weights: Path, size: int) -> Path:
     import yaml
 
     arrays = {split: {"kind": "arrays", "path": str(data / f"{split}.npz")} for split in ("validation", "test")}
@@ -93,7 +95,7 @@ def _config(data: Path, folder: Path, store: Path, seed: int, weights: Path) -> 
         "name": f"scaling-resnet18-{seed}", "store": str(store),
         "model": {"name": "resnet18-64", "factory": "edgeq.benchmarks.quantization:ResNet18",
                   "kwargs": {"num_classes": 10}, "weights": str(weights),
-                  "inputs": [{"name": "image", "shape": ["batch", 3, SIZE, SIZE]}], "outputs": ["logits"],
+                  "inputs": [{"name": "image", "shape": ["batch", 3, size, size]}], "outputs": ["logits"],
                   "example_dims": {"batch": 2}, "metric": "top1"},
         "targets": [{"name": "ort-cpu", "backend": "onnxruntime", "threads": 1},
                     {"name": "openvino-cpu", "backend": "openvino", "threads": 1},
@@ -119,16 +121,17 @@ class Models:
     holds the store's URL, and Prefect's results live in the store.
     """
 
-    def __init__(self, root: Path, work: Path):
+    def __init__(self, root: Path, work: Path, size: int = SIZE):
         from edgeq.calibration.versions import record_decision
         from edgeq.core.store import ArtifactStore
         from edgeq.tasks.calibration import build_calibration_candidate
         from edgeq.tasks.config import load_prepared
 
-        self.work = work
-        self.data = _dataset(root, work / "data")
+        self.work, self.size = work, size
+        self.data = _dataset(root, work / "data", size)
         self.seed_store = work / "seed-store"
-        cfg = load_prepared(_config(self.data, work / "seed", self.seed_store, 0, _weights(self.data, work / "w", 0)))
+        cfg = load_prepared(_config(self.data, work / "seed", self.seed_store, 0, _weights(self.data, work / "w", 0),
+                                   size))
         self.version = build_calibration_candidate(cfg).version.version
         record_decision(ArtifactStore(cfg.store_url), self.version, approve=True, reviewer="scaling-benchmark",
                         comment="benchmark only")
@@ -137,8 +140,8 @@ class Models:
         """Configs of models 1..N on a fresh store: nothing there converted yet."""
         store = self.work / f"store-{label}"
         shutil.copytree(self.seed_store, store)
-        return [str(_config(self.data, self.work / f"cfg-{label}", store, s, _weights(self.data, self.work / "w", s)))
-                for s in range(1, n + 1)]
+        return [str(_config(self.data, self.work / f"cfg-{label}", store, s, _weights(self.data, self.work / "w", s),
+                            self.size)) for s in range(1, n + 1)]
 
 
 # ---------------------------------------------------------------- pinning
@@ -227,6 +230,61 @@ def orchestration_cpu(server, pg) -> float:
     own = os.times()
     return (cpu_seconds(server.procs["server"].pid) + (cpu_seconds(pg.pid) if pg.pid else 0.0)
             + own.user + own.system)
+
+
+def plain_conversion(config: str, version: str) -> None:
+    """One model's fan-out work as plain function calls in this process, no Prefect: export (parity gate, shape
+    probe), compile check on every target, INT8 quantization. Prints each stage's seconds as JSON."""
+    import json
+
+    t0 = time.perf_counter()
+    from edgeq.tasks.compile_check import check_target
+    from edgeq.tasks.config import load_prepared
+    from edgeq.tasks.export import export_to_store
+    from edgeq.tasks.quantize import quantize_to_store
+
+    t1 = time.perf_counter()
+    cfg = load_prepared(config)
+    exported = export_to_store(cfg)
+    t2 = time.perf_counter()
+    for target in cfg.targets:
+        check_target(exported.onnx, target, cfg.store_url)
+    t3 = time.perf_counter()
+    quantize_to_store(cfg, exported.onnx, version, exported.report.opset, log=lambda *a: None)
+    print(json.dumps({"import": t1 - t0, "export": t2 - t1, "check": t3 - t2, "quantize": time.perf_counter() - t3}))
+
+
+def conversion_ceiling(models: "Models", cpus: list[int], label: str) -> tuple[float, str]:
+    """Conversions as plain functions (`plain_conversion`), each in a fresh process on a CPU of its own with one
+    thread: one alone, then two side by side. The throughput of two over one, 2 x alone / side by side: what two
+    workers could gain at most for this work on this machine, with nothing orchestrating. And a line of the stages'
+    seconds, alone and side by side."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, **SINGLE_THREAD_ENV}
+
+    def side_by_side(configs: list[str]) -> tuple[float, list[dict[str, float]]]:
+        t0 = time.perf_counter()
+        procs = [subprocess.Popen([sys.executable, "-c", "import sys; from edgeq.benchmarks.scaling import "
+                                   "plain_conversion; plain_conversion(sys.argv[1], sys.argv[2])", c, models.version],
+                                  env=env, stdout=subprocess.PIPE, text=True,
+                                  preexec_fn=lambda cpu=cpu: os.sched_setaffinity(0, {cpu}))
+                 for cpu, c in zip(cpus, configs)]
+        outs = [p.communicate()[0] for p in procs]
+        if any(p.returncode for p in procs):
+            raise SystemExit(f"a plain conversion failed (exit {[p.returncode for p in procs]})")
+        return time.perf_counter() - t0, [json.loads(o.strip().splitlines()[-1]) for o in outs]
+
+    alone, stages_alone = side_by_side(models.fresh(1, f"plain-{label}-1"))
+    pair, stages_pair = side_by_side(models.fresh(2, f"plain-{label}-2"))
+
+    def fmt(stages: dict[str, float]) -> str:
+        return " ".join(f"{k} {v:.1f}" for k, v in stages.items())
+
+    return 2 * alone / pair, (f"alone {alone:.1f} s [{fmt(stages_alone[0])}], side by side {pair:.1f} s "
+                              f"[{fmt(stages_pair[0])}] [{fmt(stages_pair[1])}]")
 
 
 # ---------------------------------------------------------------- the two paths
@@ -359,7 +417,8 @@ def _all_computed(client, flow_run_ids: list, expected: int, settle: float = 60)
 
 
 # ---------------------------------------------------------------- the run and the report
-def run(root: Path, sizes: list[int], rounds: int, paths: list[str], budget_s: float | None = None) -> dict[str, Any]:
+def run(root: Path, sizes: list[int], rounds: int, paths: list[str], budget_s: float | None = None,
+        size: int = SIZE) -> dict[str, Any]:
     """Every measurement: {"times": {(path, N, workers): [(seconds, orchestration CPU seconds), ...]}, "machine":
     the machine check before and after, "cpu": the CPU line, "pinning": where each worker may run}.
 
@@ -373,14 +432,14 @@ def run(root: Path, sizes: list[int], rounds: int, paths: list[str], budget_s: f
     if len(cpus) < 2:
         raise SystemExit(f"needs 2 CPUs to pin 2 workers to, this process may use {cpus}")
     root = ensure_demo(root)
-    out: dict[str, Any] = {"times": {}, "machine": [machine_check(cpus)], "pinning": {},
+    out: dict[str, Any] = {"times": {}, "machine": [machine_check(cpus)], "pinning": {}, "size": size, "ceiling": [],
                            "cpu": machine_description(cpus)}
     print(out["cpu"], flush=True)
     print(f"machine check (2 loops side by side / 1 alone): {out['machine'][0]}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="edgeq-scaling-"))
     opened = []
     try:
-        models = Models(root, work)
+        models = Models(root, work, size)
         pool = WorkPoolPath(work, cpus)  # the server both paths report to
         opened.append(pool)
         out["pinning"]["workpool"] = pool.pinning
@@ -396,6 +455,10 @@ def run(root: Path, sizes: list[int], rounds: int, paths: list[str], budget_s: f
             r.measure(models.fresh(2, f"warmup-{name}"), models.version, 2)
         per_model = 0.0  # the most seconds a block took per model so far: a block of N models takes about N times it
         for rnd in range(rounds):
+            gain, stages = conversion_ceiling(models, cpus, f"r{rnd}")
+            out["ceiling"].append(gain)
+            print(f"  round {rnd + 1}: plain functions, no orchestration: 2 conversions side by side / 1 alone "
+                  f"{gain:.2f}x ({stages})", flush=True)
             for n in sizes:
                 left = budget_s - (time.monotonic() - start) - RESERVE_S if budget_s is not None else None
                 if left is not None and per_model * n > left:
@@ -423,12 +486,19 @@ def report(out: dict[str, Any], sizes: list[int], paths: list[str]) -> str:
     def cell(v: list[float]) -> str:
         return f"{statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f})"
 
+    def ratio_cell(v: list[float]) -> str:
+        return f"{statistics.median(v):.2f}x ({min(v):.2f}-{max(v):.2f}), {len(v)} runs"
+
     times = out["times"]
     checks = "; ".join(f"{k} {' then '.join(f'{m[k]:.2f}x' for m in out['machine'])}" for k in ("compute", "memory"))
     lines = [out["cpu"],
-             f"ResNet-18 3x{SIZE}x{SIZE} conversions (export + compile check x3 + INT8 PTQ), each worker pinned to "
-             "its own CPU with 1 thread; seconds from submission until every conversion ended, median (min-max) of the runs",
+             f"ResNet-18 3x{out['size']}x{out['size']} conversions (export + compile check x3 + INT8 PTQ), each worker "
+             "pinned to its own CPU with 1 thread; seconds from submission until every conversion ended, median "
+             "(min-max) of the runs",
              f"machine check, 2 pinned loops side by side vs 1 alone, before then after: {checks}",
+             ("the same conversions with no orchestration (plain functions, pinned processes): 2 side by side vs 1 "
+              f"alone, throughput {ratio_cell(out['ceiling'])}: at most this from 2 workers on this machine"
+              if out["ceiling"] else "no-orchestration ceiling: not measured"),
              ("| path | N | runs | 1 worker | 2 workers | speed-up (ratio of medians) | speed-up per run, median (min-max) "
               "| s per conversion, 2 workers | server+db+orchestrator CPU s per conversion |"),
              "|---|---|---|---|---|---|---|---|---|"]
@@ -454,6 +524,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--root", type=Path, default=Path(".edgeq/demo"), help="demo build folder (built if missing)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--size", type=int, default=SIZE, help="image side of the ResNet-18 conversions (pixels)")
     ap.add_argument("--paths", nargs="+", default=["workpool", "dask"], choices=["workpool", "dask"])
     ap.add_argument("--budget-minutes", type=float, default=None,
                     help="start no round that would end past this many minutes from the start (fewer rounds)")
@@ -463,7 +534,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("prefect", "distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
     budget = args.budget_minutes * 60 if args.budget_minutes else None
-    print(report(run(args.root, args.sizes, args.rounds, args.paths, budget), args.sizes, args.paths))
+    print(report(run(args.root, args.sizes, args.rounds, args.paths, budget, args.size), args.sizes, args.paths))
 
 
 if __name__ == "__main__":
