@@ -224,8 +224,14 @@ def peer_recipe(fp32: Path, calib, out: Path, transformer: bool = False) -> Path
 
     nncf = import_nncf()
     model = ov.Core().read_model(str(fp32))
-    # batch 1, static: as edgeq's OpenVINO target compiles its models
-    model.reshape({name: list(a.shape) for name, a in calib.feed(0).items()})
+    # Batch 1, every other axis as the model has it (a dynamic sequence axis stays dynamic): as edgeq's OpenVINO
+    # target prepares its models, so that both run in the same shape regime.
+    shapes = {}
+    for p in model.inputs:
+        shape = p.get_partial_shape()
+        shape[0] = ov.Dimension(1)
+        shapes[p.get_any_name()] = shape
+    model.reshape(shapes)
     preset = {"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}
     with muted_output(stderr=True):  # NNCF's progress bars
         quantized = nncf.quantize(model, calib.as_nncf_dataset(), subset_size=len(calib), **preset)
