@@ -25,9 +25,9 @@ by cosine to FP32) goes through the same pipeline once, with its own SLA and wei
 its peer recipe is NNCF's PTQ for transformers (`model_type=TRANSFORMER`). Timed side by side in one process: on
 ONNX Runtime FP32 and INT8, on OpenVINO FP32 (inference precision pinned to f32), INT8 and the peer's INT8, in
 ROUNDS rounds whose order rotates (drift on a shared machine hits all alike); each model's median of round medians,
-and per-round ratios (median and range). The quantization stage's
-own speed verdict is compared with this independent measurement. The CPU's ISA is printed first: ratios differ by
-machine (integer dot products need VNNI or AMX on x86). The last lines say which targets are met.
+and per-round ratios (median and range). The quantization stage's own speed verdict is compared with this
+independent measurement. The CPU's ISA is printed first: ratios differ by machine (integer dot products need VNNI or
+AMX on x86). The last lines say which targets are met.
 """
 
 from __future__ import annotations
@@ -428,7 +428,7 @@ def report(results: dict[str, dict], args, isa: dict) -> None:
                    + (f"{agree:+.0%} from this measurement" if agree is not None else "not measured"))
         agrees = (f"{name}: the stage's verdict within 15 % of this measurement",
                   agree is not None and abs(agree) <= 0.15, "-" if agree is None else f"{agree:+.0%}")
-        if "cosine" in r:  # the transformer demo: its own metric and SLA; the issue sets no speed target for it
+        if "cosine" in r:  # the transformer demo: its own metric and SLA, and no speed target
             c = r["cosine"]
             print(f"  batch 1, {r['shape']}; cosine of INT8 to FP32 embeddings on the test split: mean "
                   f"{c['test_mean']:.4f}, least {c['test_min']:.4f} ({c['n']} samples); {verdict}")

@@ -93,7 +93,7 @@ def _config(data: Path, folder: Path, store: Path, seed: int, weights: Path, siz
     arrays = {split: {"kind": "arrays", "path": str(data / f"{split}.npz")} for split in ("validation", "test")}
     cfg = {
         "name": f"scaling-resnet18-{seed}", "store": str(store),
-        "model": {"name": "resnet18-64", "factory": "edgeq.benchmarks.quantization:ResNet18",
+        "model": {"name": f"resnet18-{size}", "factory": "edgeq.benchmarks.quantization:ResNet18",
                   "kwargs": {"num_classes": 10}, "weights": str(weights),
                   "inputs": [{"name": "image", "shape": ["batch", 3, size, size]}], "outputs": ["logits"],
                   "example_dims": {"batch": 2}, "metric": "top1"},
