@@ -507,3 +507,26 @@ def test_a_normalised_embedding_is_held_by_cosine_on_the_device_and_that_clause_
     assert not bad.passed and not bad.gates[-1].passed
     worst = float(bad.gates[-1].measured.split("least cosine similarity ")[1].split()[0])
     assert worst < 0.999, bad.gates[-1].measured
+
+
+def test_the_quantization_benchmarks_peer_recipe_keeps_the_sequence_axis_dynamic(encoder, tmp_path):
+    """The benchmark's peer recipe (NNCF's transformer PTQ of the OpenVINO model) runs in the shape regime edgeq's
+    OpenVINO target gives its own models: batch 1, the sequence axis as the export left it (dynamic). A peer fixed to
+    one sequence length would time a static model against edgeq's dynamic one: two shape regimes, not two
+    quantizers."""
+    import openvino as ov
+
+    from edgeq.benchmarks.quantization import peer_recipe
+
+    peer = peer_recipe(encoder["fp32"], encoder["calib"], tmp_path / "peer.xml", transformer=True)
+    model = ov.Core().read_model(str(peer))
+    shapes = {p.get_any_name(): p.get_partial_shape() for p in model.inputs}
+    assert set(shapes) == set(TOKENS)
+    for name, shape in shapes.items():
+        assert shape[0] == ov.Dimension(1) and shape[1].is_dynamic, f"{name}: {shape}"
+    assert any(op.get_type_name() == "FakeQuantize" for op in model.get_ops())  # quantized, not a copy
+    compiled = ov.Core().compile_model(model, "CPU")
+    ids, mask = encoder["val"][0]["input_ids"], encoder["val"][0]["attention_mask"]
+    for seq in (8, ids.shape[1]):  # two lengths through the one compiled model
+        out = compiled({"input_ids": ids[:1, :seq], "attention_mask": mask[:1, :seq]})[compiled.output(0)]
+        assert out.shape[0] == 1 and np.isfinite(out).all()
