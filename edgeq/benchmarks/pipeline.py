@@ -33,14 +33,18 @@ from edgeq.core.quiet import quiet_environment
 REPO = Path(__file__).resolve().parents[2]
 
 
-def demo_config(folder: Path, demo_root: Path) -> Path:
-    """A copy of digits-demo.yaml with its own store, pointing at an already built demo."""
+def demo_config(folder: Path, demo_root: Path, source: str = "digits-demo.yaml", **overrides) -> Path:
+    """A copy of one of the repository's demo configs (`source`) in `folder`, with its own store, pointing at an
+    already built demo in `demo_root` (its paths under the demo's `prepare_kwargs.root` rewritten); top-level keys
+    replaced by `overrides`."""
     import yaml
 
-    text = (REPO / "digits-demo.yaml").read_text().replace(".edgeq/demo", str(demo_root))
-    data = yaml.safe_load(text)
+    text = (REPO / source).read_text()
+    built = yaml.safe_load(text)["prepare_kwargs"]["root"]
+    data = yaml.safe_load(text.replace(built, str(demo_root)))
     data["store"] = str(folder / "store")
     data["prepare_kwargs"] = {"root": str(demo_root)}
+    data.update(overrides)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgeq.calibration.readers import CalibrationReader
 from edgeq.core.quiet import muted_output, quiet_environment
 
 
@@ -159,7 +160,6 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int) -> nn.Mod
 
 FACTORIES = {"resnet18": ("ResNet18", ResNet18), "mobilenetv2": ("MobileNetV2", MobileNetV2)}
 TEXT = "text-encoder"  # the transformer demo (text-demo.yaml), as it is
-REPO = Path(__file__).resolve().parents[2]
 
 
 def config(name: str, factory: str, weights: Path, data: Path, size: int, store: Path, max_drop: float,
@@ -215,7 +215,7 @@ def convert(path: Path):
             store.local_path(ov))
 
 
-def peer_recipe(fp32: Path, calib, out: Path, transformer: bool = False) -> Path:
+def peer_recipe(fp32: Path, calib: CalibrationReader, out: Path, transformer: bool = False) -> Path:
     """NNCF's default post-training quantization of the OpenVINO model (for a transformer, NNCF's transformer
     preset), fed every input from the calibration reader, saved as OpenVINO IR."""
     import openvino as ov
@@ -356,40 +356,27 @@ def measure(name: str, args, root: Path, work: Path, data: dict[int, Path]) -> d
             "ov_label": rep.attempts[form.attempt].label if form else rep.chosen_attempt.label}
 
 
-def text_config(root: Path, store: Path, rounds: int, iters: int, folder: Path) -> Path:
-    """text-demo.yaml on its built demo in `root`, its own store, and the benchmark's quantization settings (mode
-    auto, ONNX Runtime the deployment target, `target_forms: fastest`); its SLA (cosine drop) and its speed gate (off)
-    as the demo has them."""
-    import yaml
-
-    data = yaml.safe_load((REPO / "text-demo.yaml").read_text().replace(".edgeq/text-demo", str(root)))
-    data["store"] = str(store)
-    data["prepare_kwargs"] = {"root": str(root)}
-    data["quantization"] = {"mode": "auto", "latency_iters": max(10, iters), "speed_rounds": rounds,
-                            "deploy_target": "ort-cpu", "target_forms": "fastest"}
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "text-encoder.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
 def measure_text(args, work: Path) -> dict:
     """The transformer demo through the pipeline, the peer recipe, and the side-by-side timings on its first test
     sample (every input). Accuracy: the cosine of INT8 to FP32 embeddings on the test split (the demo's metric)."""
-    from edgeq.core.ort import ort_session
+    from edgeq.benchmarks.pipeline import demo_config
+    from edgeq.core.data import load_inputs
+    from edgeq.core.metrics import cosine
     from edgeq.demo_text import ensure_text_demo
+    from edgeq.export import run_onnx
 
     root = ensure_text_demo(args.text_demo_root).resolve()
     t0 = time.perf_counter()
-    cfg, fp32, int8, rep, calib, int8_ov = convert(text_config(root, work / "store-text", args.rounds, args.iters,
-                                                               work / "cfg"))
+    # text-demo.yaml as it is (its SLA, a cosine drop; its speed gate off) with the benchmark's quantization settings
+    cfg, fp32, int8, rep, calib, int8_ov = convert(demo_config(
+        work / "text", root, "text-demo.yaml",
+        quantization={"mode": "auto", "latency_iters": max(10, args.iters), "speed_rounds": args.rounds,
+                      "deploy_target": "ort-cpu", "target_forms": "fastest"}))
     peer = peer_recipe(fp32, calib, work / "text-encoder-peer.xml", transformer=True)
-    names = [i.name for i in cfg.model.inputs]
-    with np.load(root / "test.npz") as z:
-        test = {n: z[n].astype(np.int64) for n in names}
-    emb = {k: ort_session(p).run(None, test)[0] for k, p in (("fp32", fp32), ("int8", int8))}
-    cos = np.sum(emb["fp32"] * emb["int8"], 1) / (np.linalg.norm(emb["fp32"], axis=1) * np.linalg.norm(emb["int8"],
-                                                                                                       axis=1))
+    test, _ = load_inputs(cfg.data.test, cfg.model.inputs, cfg.data.preprocess)
+    out = cfg.model.outputs[0]
+    emb = {k: run_onnx(p, test, outputs=[out])[out] for k, p in (("fp32", fp32), ("int8", int8))}
+    cos = cosine(emb["int8"], None, emb["fp32"])
     chosen = rep.chosen_attempt
     print(f"{TEXT}: converted in {time.perf_counter() - t0:.0f} s: chose {chosen.label}; validation cosine "
           f"{chosen.metric:.4f} (drop {chosen.drop:+.4f}, SLA {cfg.thresholds.int8_max_drop}); its verdict: "
