@@ -182,7 +182,7 @@ def run_target(path: Path, target: TargetSpec, x: Mapping[str, np.ndarray], outp
             results = [runner.infer(take(x, slice(i, i + 1))) for i in range(batch_size(x))]
         lat = benchmark(runner, _batch1(x), warmup=max(5, iters // 10), iters=iters) if backend.measures_latency \
             else None
-        precision = lat.precision if lat else runner.precision
+        precision = runner.precision
     outs = {name: np.concatenate([r[name] for r in results]) for name in outputs if all(name in r for r in results)}
     return outs, (lat.median_ms if lat else None), precision
 
