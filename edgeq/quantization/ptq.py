@@ -27,7 +27,7 @@ TRANSFORMER_FP32_OP_TYPES = ["LayerNormalization", "Softmax", "Gelu", "FastGelu"
 # asymmetric (u8) activations it removes the Relu/Clip and quantizes that op's output with the activation's range,
 # so one integer kernel feeds the next and the activation costs nothing (one rounding fewer, too). Left out, each one
 # keeps DequantizeLinear -> float activation -> QuantizeLinear between two kernels: MobileNetV2 at 224x224 (ReLU6 is
-# a Clip) ran at 1.0x FP32's speed on ONNX Runtime so and at 1.9x with them folded (AVX-512 VNNI CPU, batch 1).
+# a Clip) ran at 1.0x FP32's speed on ONNX Runtime, and at 1.9x with them folded (AVX-512 VNNI CPU, batch 1).
 # The quantizer folds only an activation whose input it quantizes.
 FOLDED_ACTIVATIONS = ["Relu", "Clip"]
 # fp32-depthwise: every depthwise convolution stays FP32 (a speed remedy: ONNX Runtime's x86 INT8 depthwise kernels can
